@@ -1,0 +1,65 @@
+"""The small trainable pieces: AdaptMLP, LoRA projections, prompt-token init."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torch.nn.init.kaiming_uniform_(w, a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+kaiming_uniform_a_sqrt5 = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+class AdaptMLP(nn.Module):
+  """The AdaptFormer bottleneck: s * up(dropout(relu(down(LN?(x))))).
+
+  Mirrors the official `Adapter` with init_option='lora': down is
+  kaiming-uniform, up and both biases are zero, so at step 0 the branch
+  outputs exactly zero and the adapted model equals the frozen one.
+  """
+  bottleneck: int
+  scale: float | str = 0.1   # a number, or 'learnable' (a scalar initialised to 1)
+  layernorm: str = 'none'    # 'none' | 'in' | 'out'
+  dropout: float = 0.1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    width = x.shape[-1]
+    # The official adapter LayerNorm is torch's default (eps 1e-5), shared by 'in'/'out'.
+    norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm') \
+        if self.layernorm != 'none' else None
+    if self.layernorm == 'in':
+      x = norm(x)
+    h = nn.Dense(self.bottleneck, dtype=self.dtype, name='down',
+                 kernel_init=kaiming_uniform_a_sqrt5)(x)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(h))
+    h = nn.Dense(width, dtype=self.dtype, name='up',
+                 kernel_init=nn.initializers.zeros)(h)
+    if self.scale == 'learnable':
+      h = h * self.param('scale', nn.initializers.ones, (1,)).astype(h.dtype)
+    else:
+      h = h * self.scale
+    if self.layernorm == 'out':
+      h = norm(h)
+    return h
+
+
+class LoRA(nn.Module):
+  """Low-rank update x @ A @ B * alpha / rank, B zero-initialised (Hu et al.)."""
+  features: int
+  rank: int
+  alpha: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    a = self.param('a', kaiming_uniform_a_sqrt5, (x.shape[-1], self.rank))
+    b = self.param('b', nn.initializers.zeros, (self.rank, self.features))
+    return (x @ a.astype(self.dtype)) @ b.astype(self.dtype) * (self.alpha / self.rank)
+
+
+def prompt_init(key, shape, dtype=jnp.float32):
+  """torch xavier_uniform_ on each (1, tokens, width) prompt, as the official VPT."""
+  _, tokens, width = shape
+  bound = math.sqrt(6.0 / ((tokens + 1) * width))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)

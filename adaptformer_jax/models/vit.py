@@ -1,0 +1,137 @@
+"""Vision Transformer with AdaptFormer, VPT and LoRA, as Flax Linen modules.
+
+The block follows the official AdaptFormer forward: the adapter reads the
+post-attention residual stream (no LayerNorm) and its output is added next to
+the MLP's (`parallel`) or applied to the MLP's output (`sequential`).
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from adaptformer_jax.models import peft_layers
+from adaptformer_jax.models import presets
+
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
+# torch.nn.GELU() is the exact erf form.
+gelu = functools.partial(nn.gelu, approximate=False)
+dense_init = nn.initializers.xavier_uniform()
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with fused qkv (bias on) and optional LoRA on q, v."""
+  cfg: dict
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    heads = self.cfg.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    if 'lora' in presets.tuning_methods(self.cfg):
+      lora = functools.partial(peft_layers.LoRA, d, self.cfg.lora.rank,
+                               self.cfg.lora.alpha, self.dtype)
+      q = q + lora(name='lora_q')(x)
+      v = v + lora(name='lora_v')(x)
+    split = lambda t: t.reshape(b, n, heads, d // heads)
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init,
+                    name='out')(out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  cfg: dict
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.cfg.mlp_dim, dtype=self.dtype, kernel_init=dense_init,
+                 name='fc1')(x)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init,
+                    name='fc2')(gelu(h))
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block with an optional AdaptMLP branch."""
+  cfg: dict
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = x + Attention(self.cfg, self.dtype, name='attn')(
+        LayerNorm(dtype=self.dtype, name='norm1')(x))
+    adapter = None
+    if 'adaptformer' in presets.tuning_methods(self.cfg):
+      a = self.cfg.adapter
+      adapter = peft_layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
+                                     self.dtype, name='adapter')
+    if adapter is not None and self.cfg.adapter.placement == 'parallel':
+      adapted = adapter(x, train)
+    h = Mlp(self.cfg, self.dtype, name='mlp')(
+        LayerNorm(dtype=self.dtype, name='norm2')(x))
+    if adapter is not None:
+      h = h + (adapted if self.cfg.adapter.placement == 'parallel'
+               else adapter(h, train))
+    return x + h
+
+
+class Head(nn.Module):
+  """Linear classifier, optionally after a parameter-free BatchNorm (MAE linear-probe head)."""
+  cfg: dict
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    if self.cfg.head == 'bn_linear':
+      # torch BatchNorm1d(affine=False, eps=1e-6, momentum=0.1).
+      x = nn.BatchNorm(use_running_average=not train, use_bias=False,
+                       use_scale=False, epsilon=1e-6, momentum=0.9, name='bn')(x)
+    return nn.Dense(self.cfg.num_classes, name='linear',
+                    kernel_init=nn.initializers.truncated_normal(self.cfg.head_init_std),
+                    )(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier; `cfg` is a model ConfigDict from `presets.preset`."""
+  cfg: dict
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    methods = presets.tuning_methods(cfg)
+    p = cfg.patch_size
+    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
+                kernel_init=dense_init, name='embedding')(images)
+    b = x.shape[0]
+    x = x.reshape(b, -1, cfg.width)
+    cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, cfg.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.width)).astype(x.dtype), x], 1)
+    pos = self.param('pos_embedding', nn.initializers.normal(0.02),
+                     (1, x.shape[1], cfg.width))
+    x = x + pos.astype(x.dtype)
+
+    vpt = 'vpt_deep' if 'vpt_deep' in methods else (
+        'vpt_shallow' if 'vpt_shallow' in methods else None)
+    n_prompt = cfg.vpt.num_tokens
+    if vpt:
+      prompts = self.param('prompts', peft_layers.prompt_init,
+                           (cfg.depth if vpt == 'vpt_deep' else 1, n_prompt, cfg.width))
+      add_prompts = lambda x, i: jnp.concatenate(
+          [jnp.broadcast_to(prompts[i], (b, n_prompt, cfg.width)).astype(x.dtype), x], 1)
+
+    block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+    for i in range(cfg.depth):
+      # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
+      if vpt == 'vpt_deep' or (vpt == 'vpt_shallow' and i == 0):
+        x = add_prompts(x, i if vpt == 'vpt_deep' else 0)
+      x = block(cfg, dtype, name=f'block{i}')(x, train)
+      if vpt == 'vpt_deep' or (vpt == 'vpt_shallow' and i == cfg.depth - 1):
+        x = x[:, n_prompt:]
+
+    if cfg.pool == 'cls':
+      x = LayerNorm(name='norm')(x)[:, 0]
+    else:
+      x = LayerNorm(name='fc_norm')(x[:, 1:].mean(axis=1))
+    return Head(cfg, name='head')(x.astype(jnp.float32), train)
