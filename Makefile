@@ -1,0 +1,27 @@
+# Quick start: `make demo` and `make test`; both set up .venv when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m adaptformer_jax.main --config configs/demo.py --workdir runs/demo
+
+# pytest exits 5 when it collects no tests, which fails this target.
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,141 @@
+"""Model presets, parameter counts, tuning variants and config validation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptformer_jax import models
+from adaptformer_jax import peft
+from conftest import tiny_cfg
+
+
+def shapes(cfg):
+  model = models.build(cfg)
+  size = cfg.image_size
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+
+
+def test_vit_b16_adaptformer_trains_the_papers_parameter_count():
+  cfg = models.preset('vit_b16', num_classes=100, head='bn_linear', tuning='adaptformer')
+  params = shapes(cfg)['params']
+  mask = peft.trainable_mask(params, cfg)
+  adapters = sum(peft.count(params[f'block{i}']['adapter']) for i in range(12))
+  assert adapters == 1_189_632
+  assert peft.count(params['head']) == 76_900
+  assert peft.count(params, mask) == 1_266_532
+
+
+# timm's exact counts at 224 px with a 1000-class head.
+TIMM_TOTALS = {
+    'vit_ti16': 5_717_416, 'vit_s16': 22_050_664, 'vit_b16': 86_567_656,
+    'vit_l16': 304_326_632, 'vit_h14': 632_045_800,
+}
+# "Scaling Vision Transformers" Table 2: backbone parameters (no head), millions.
+SCALING_PAPER_MILLIONS = {'vit_g14': 1011, 'vit_G14': 1843}
+
+
+@pytest.mark.parametrize('name', sorted(models.PRESETS))
+def test_preset_totals_match_published(name):
+  params = shapes(models.preset(name, tuning='full'))['params']
+  if name in TIMM_TOTALS:
+    assert peft.count(params) == TIMM_TOTALS[name]
+  else:
+    backbone = peft.count(params) - peft.count(params['head'])
+    assert round(backbone / 1e6) == SCALING_PAPER_MILLIONS[name]
+
+
+@pytest.mark.parametrize('tuning,pool,head', [
+    ('adaptformer', 'cls', 'linear'),
+    ('adaptformer+vpt_deep', 'gap', 'bn_linear'),
+    ('vpt_shallow+lora', 'cls', 'bn_linear'),
+    ('full', 'gap', 'linear'),
+])
+def test_forward_shapes_and_variants(tuning, pool, head):
+  cfg = tiny_cfg(tuning=tuning, pool=pool, head=head)
+  model = models.build(cfg)
+  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images)
+  logits = model.apply(variables, images)
+  assert logits.shape == (3, 5) and logits.dtype == jnp.float32
+  assert ('batch_stats' in variables) == (head == 'bn_linear')
+  methods = models.tuning_methods(cfg)
+  params = variables['params']
+  assert ('prompts' in params) == any(m.startswith('vpt') for m in methods)
+  assert ('adapter' in params['block0']) == ('adaptformer' in methods)
+  assert ('lora_q' in params['block0']['attn']) == ('lora' in methods)
+
+
+def test_vpt_prompt_shapes():
+  deep = shapes(tiny_cfg(tuning='vpt_deep', vpt=dict(num_tokens=3)))['params']
+  shallow = shapes(tiny_cfg(tuning='vpt_shallow', vpt=dict(num_tokens=3)))['params']
+  assert deep['prompts'].shape == (2, 3, 32)
+  assert shallow['prompts'].shape == (1, 3, 32)
+
+
+def test_prompts_change_the_output():
+  cfg = tiny_cfg(tuning='vpt_deep', vpt=dict(num_tokens=2))
+  model = models.build(cfg)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images)
+  moved = jax.tree.map(lambda x: x, variables)
+  moved['params']['prompts'] = variables['params']['prompts'] + 1.0
+  assert not np.allclose(model.apply(variables, images), model.apply(moved, images))
+
+
+def test_batchnorm_head_updates_running_stats_in_training():
+  cfg = tiny_cfg(head='bn_linear')
+  model = models.build(cfg)
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images)
+  _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
+                           rngs={'dropout': jax.random.key(2)})
+  before = variables['batch_stats']['head']['bn']['mean']
+  after = updates['batch_stats']['head']['bn']['mean']
+  assert not np.allclose(before, after)
+
+
+def test_remat_gives_the_same_logits_and_gradients():
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  plain, remat = models.build(tiny_cfg()), models.build(tiny_cfg(remat=True))
+  variables = plain.init(jax.random.key(0), images)
+  loss = lambda m: lambda p: m.apply({'params': p}, images).sum()
+  np.testing.assert_allclose(plain.apply(variables, images),
+                             remat.apply(variables, images), atol=1e-6)
+  g1 = jax.grad(loss(plain))(variables['params'])
+  g2 = jax.grad(loss(remat))(variables['params'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = tiny_cfg(dtype='bfloat16')
+  model = models.build(cfg)
+  images = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  assert model.apply(variables, images).dtype == jnp.float32
+
+
+@pytest.mark.parametrize('overrides,field', [
+    (dict(image_size=30), 'model.image_size'),
+    (dict(tuning='adaptformr'), 'model.tuning'),
+    (dict(adapter=dict(bottleneck=0)), 'model.adapter.bottleneck'),
+    (dict(num_heads=3), 'model.num_heads'),
+    (dict(pool='max'), 'model.pool'),
+    (dict(adapter=dict(layernorm='pre')), 'model.adapter.layernorm'),
+    (dict(adapter=dict(scale='big')), 'model.adapter.scale'),
+])
+def test_bad_configs_raise_one_clear_value_error(overrides, field):
+  with pytest.raises(ValueError, match=field.replace('.', r'\.')) as e:
+    tiny_cfg(**overrides)
+  assert '\n' not in str(e.value)
+
+
+def test_unknown_preset_suggests_the_close_name():
+  with pytest.raises(ValueError, match=r"model\.name.*did you mean 'vit_b16'.*allowed"):
+    models.preset('vit_b61')
+
+
+def test_unknown_tuning_names_the_allowed_methods():
+  with pytest.raises(ValueError, match="did you mean 'adaptformer'.*allowed: full, linear"):
+    tiny_cfg(tuning='adaptformr')
