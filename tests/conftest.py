@@ -21,3 +21,27 @@ def tiny_cfg(**overrides):
 @pytest.fixture
 def tiny():
   return tiny_cfg
+
+
+def tiny_run_config(tuning='adaptformer', data_dir=None, **overrides):
+  """A full run config for the tiny ViT on the embedded digits (16 px, 10 classes)."""
+  from adaptformer_jax import recipes  # pylint: disable=g-import-not-at-top
+  model = tiny_cfg(tuning=tuning, patch_size=4, image_size=16, num_classes=10)
+  config = recipes.base(model, 'sklearn_digits/all', data_dir=data_dir,
+                        train_pp='pad_crop', eval_pp='resize', normalize='none')
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.num_train_steps = 40
+  config.warmup_steps = 4
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 20
+  config.optimizer.base_lr = 2.0
+  config.progress = False
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """One prepared copy of the embedded dataset for the whole session."""
+  return str(tmp_path_factory.mktemp('tfds'))

@@ -1,0 +1,125 @@
+"""Orbax checkpoints of the train state, and adapter export/import (safetensors + json).
+
+An adapter export holds only what a task adds to a frozen backbone: the trainable
+parameters and the head's BatchNorm statistics -- about 5 MB for ViT-B/16.
+"""
+import json
+import os
+
+import flax.traverse_util
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
+
+from adaptformer_jax.errors import UserError
+
+ADAPTER_WEIGHTS = 'adapter.safetensors'
+ADAPTER_CONFIG = 'adapter_config.json'
+ARCHITECTURE_FIELDS = ('name', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_dim',
+                       'pool', 'head', 'tuning', 'num_classes')
+
+
+class Checkpointer:
+  """Atomic, asynchronous saves of the train state under `<workdir>/checkpoints/<step>`."""
+
+  def __init__(self, workdir, max_to_keep=3):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def save(self, step, state):
+    self._manager.save(int(step), args=ocp.args.StandardSave(state))
+
+  def restore(self, abstract_state, step=None):
+    """Restores `step` (default: latest) into the structure and shardings of `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_path(path, abstract_state):
+  """Restores a checkpoint given as `<workdir>/checkpoints/<step>` (for `--checkpoint`)."""
+  path = os.path.abspath(path)
+  parent, step = os.path.split(path.rstrip('/'))
+  if not step.isdigit() or not os.path.isdir(path):
+    raise UserError(f'--checkpoint {path}: not a checkpoint step directory; expected '
+                    '<workdir>/checkpoints/<step>.')
+  manager = ocp.CheckpointManager(parent)
+  try:
+    return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+  finally:
+    manager.close()
+
+
+def export_adapters(out_dir, variables, mask, model_cfg, class_names):
+  """Writes the trainable leaves (+ batch_stats) and the config that rebuilds the model."""
+  os.makedirs(out_dir, exist_ok=True)
+  flat = flax.traverse_util.flatten_dict(variables['params'], sep='/')
+  flat_mask = flax.traverse_util.flatten_dict(mask, sep='/')
+  tensors = {f'params/{k}': np.asarray(jax.device_get(v))
+             for k, v in flat.items() if flat_mask[k]}
+  for k, v in flax.traverse_util.flatten_dict(
+      variables.get('batch_stats', {}), sep='/').items():
+    tensors[f'batch_stats/{k}'] = np.asarray(jax.device_get(v))
+  safetensors.numpy.save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS))
+  with open(os.path.join(out_dir, ADAPTER_CONFIG), 'w') as f:
+    json.dump({'format': 'adaptformer_jax.adapters/1', 'model': model_cfg.to_dict(),
+               'class_names': list(class_names), 'tensors': sorted(tensors)}, f, indent=2)
+  return tensors
+
+
+def read_adapter_config(adapter_dir):
+  path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'--adapters {adapter_dir}: cannot read {ADAPTER_CONFIG} ({e}); '
+                    'pass a directory written by `--mode export`.') from None
+
+
+def swap_in_adapters(adapter_dir, variables, mask, model_cfg):
+  """`variables` with the exported leaves of `adapter_dir` in place of the trainable ones.
+
+  The adapters must come from the same architecture and tuning method, and hold
+  exactly the trainable leaves; anything else is a UserError listing what differs.
+  """
+  saved = read_adapter_config(adapter_dir)['model']
+  diffs = [f'{k}: adapters {saved.get(k)!r} vs config {model_cfg[k]!r}'
+           for k in ARCHITECTURE_FIELDS if saved.get(k) != model_cfg[k]]
+  if diffs:
+    raise UserError(f'--adapters {adapter_dir} were trained for another model ('
+                    + '; '.join(diffs) + '); use the config they were exported with.')
+  try:
+    tensors = safetensors.numpy.load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+  except Exception as e:  # safetensors raises several types for damaged files
+    raise UserError(f'--adapters {adapter_dir}: cannot read {ADAPTER_WEIGHTS} ({e}).') from None
+  flat = {f'params/{k}': v for k, v in
+          flax.traverse_util.flatten_dict(variables['params'], sep='/').items()}
+  flat.update({f'batch_stats/{k}': v for k, v in flax.traverse_util.flatten_dict(
+      variables.get('batch_stats', {}), sep='/').items()})
+  expected = {f'params/{k}' for k, m in
+              flax.traverse_util.flatten_dict(mask, sep='/').items() if m}
+  expected |= {k for k in flat if k.startswith('batch_stats/')}
+  problems = [f'missing {k}' for k in sorted(expected - set(tensors))]
+  problems += [f'unexpected {k}' for k in sorted(set(tensors) - expected)]
+  problems += [f'{k}: shape {tensors[k].shape} vs model {flat[k].shape}'
+               for k in sorted(expected & set(tensors)) if tensors[k].shape != flat[k].shape]
+  if problems:
+    raise UserError(f'--adapters {adapter_dir} do not fit this model: ' + '; '.join(problems))
+  flat.update({k: tensors[k] for k in expected})
+  out = {}
+  for collection in ('params', 'batch_stats'):
+    items = {k[len(collection) + 1:]: v for k, v in flat.items()
+             if k.startswith(collection + '/')}
+    if items:
+      out[collection] = flax.traverse_util.unflatten_dict(items, sep='/')
+  return out

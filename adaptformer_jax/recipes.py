@@ -1,0 +1,63 @@
+"""Config builders shared by `configs/*.py`: the official AdaptFormer recipe and its knobs."""
+import ml_collections
+
+from adaptformer_jax import models
+from adaptformer_jax.errors import ConfigError
+
+METHODS = ('adaptformer', 'full', 'linear', 'vpt_shallow', 'vpt_deep', 'lora')
+
+
+def method_arg(arg, config_name):
+  """The tuning method named by a config file's argument (`configs/NAME.py:METHOD`)."""
+  if not arg:
+    raise ConfigError(f'configs/{config_name}.py needs a tuning method: '
+                      f"configs/{config_name}.py:METHOD with METHOD one of {', '.join(METHODS)} "
+                      "(or a '+' combination).")
+  models.tuning_methods(ml_collections.ConfigDict({'tuning': arg}))
+  return arg
+
+
+def base(model_cfg, data_name, **data):
+  """Everything a run needs, with the training loop's defaults."""
+  config = ml_collections.ConfigDict()
+  config.model = model_cfg
+  config.data = ml_collections.ConfigDict(dict(
+      name=data_name, data_dir=ml_collections.FieldReference(None, field_type=str),
+      train_split='train', eval_split='test',
+      train_pp='random_resized_crop|flip', eval_pp='resize_center_crop',
+      normalize='imagenet', shuffle_buffer=50_000))
+  config.data.update(data)
+  # Path of pretrained weights (.pth/.npz/.safetensors/orbax dir); '' = random init.
+  config.init_from = ''
+  config.seed = 0
+  config.batch_size = 1024        # effective batch per optimizer update
+  config.accum_steps = 1          # micro-batches per update (optax.MultiSteps)
+  config.eval_batch_size = 256
+  config.num_epochs = 100
+  config.num_train_steps = -1     # optimizer updates; > 0 overrides num_epochs
+  config.warmup_epochs = 20
+  config.warmup_steps = -1        # >= 0 overrides warmup_epochs
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', momentum=0.9, weight_decay=0.0,
+      base_lr=0.1,                # lr = base_lr * batch_size / 256 (official scaling)
+      label_smoothing=0.0))
+  config.nonfinite = 'stop'       # 'stop' | 'skip': what a NaN/Inf loss or gradient does
+  config.log_every_steps = 20
+  config.eval_every_steps = 0     # 0: evaluate once, at the end
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.progress = True
+  return config
+
+
+def official(config_name, dataset, num_classes, arg, **data):
+  """The official AdaptFormer recipe: MAE ViT-B/16, BN+linear head, 224 px, SGD 0.1×B/256."""
+  method = method_arg(arg, config_name)
+  model = models.preset('vit_b16', num_classes=num_classes, head='bn_linear',
+                        tuning=method, image_size=224)
+  config = base(model, dataset, **data)
+  if method == 'full':
+    # Full fine-tuning at the adapter learning rate diverges; the MAE
+    # fine-tuning recipe uses a far lower rate.
+    config.optimizer.base_lr = 0.001
+  return config

@@ -1,0 +1,357 @@
+"""train_and_evaluate(config, workdir): the fine-tuning loop, plus the eval and export jobs.
+
+One jitted step over a data-parallel mesh maps (state, batch) -> (state, metrics);
+frozen parameters are constants to autodiff and carry no optimizer state.
+"""
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from adaptformer_jax import checkpoint
+from adaptformer_jax import data
+from adaptformer_jax import evaluate
+from adaptformer_jax import metrics
+from adaptformer_jax import models
+from adaptformer_jax import peft
+from adaptformer_jax import pretrained
+from adaptformer_jax import sharding
+from adaptformer_jax.errors import UserError
+
+CONFIG_FILE = 'config.json'
+# Fields that may change when a run resumes; anything else is a conflict.
+RESUMABLE_FIELDS = ('num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+                    'checkpoint_every_steps', 'keep_checkpoints', 'progress',
+                    'eval_batch_size', 'nonfinite')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array      # micro-batches seen; the data position and dropout RNG derive from it
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+class TrainingDiverged(UserError):
+  """A non-finite loss or gradient with config.nonfinite == 'stop'."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Step counts derived from the config and the dataset size."""
+  micro_batch: int
+  accum_steps: int
+  steps_per_epoch: int   # optimizer updates
+  total_updates: int
+  warmup_updates: int
+  learning_rate: float
+
+  @property
+  def total_steps(self):
+    return self.total_updates * self.accum_steps
+
+
+def make_plan(config, num_train):
+  if config.batch_size % config.accum_steps:
+    raise UserError(f'config.batch_size={config.batch_size} is not divisible by '
+                    f'config.accum_steps={config.accum_steps}.')
+  micro = config.batch_size // config.accum_steps
+  sharding.check_batch_divisible(micro, 'config.batch_size / config.accum_steps')
+  per_epoch = max(1, num_train // config.batch_size)
+  total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
+  warmup = config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * per_epoch
+  return Plan(micro, config.accum_steps, per_epoch, total, min(warmup, total),
+              config.optimizer.base_lr * config.batch_size / 256)
+
+
+def make_optimizer(config, plan, mask):
+  """SGD (momentum, decoupled-from-nothing weight decay as torch) on a warmup-cosine schedule."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, plan.learning_rate, plan.warmup_updates, max(plan.total_updates, 1), 0.0)
+  opt = config.optimizer
+  if opt.name != 'sgd':
+    raise UserError(f"config.optimizer.name: {opt.name!r} is not supported; use 'sgd'.")
+  tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                   optax.sgd(schedule, momentum=opt.momentum or None))
+  if plan.accum_steps > 1:
+    tx = optax.MultiSteps(tx, plan.accum_steps,
+                          should_skip_update_fn=optax.skip_not_finite).gradient_transformation()
+  else:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+  return peft.freeze(tx, mask), schedule
+
+
+def init_variables(config, model, rng):
+  """Fresh variables, overwritten by `config.init_from` where the checkpoint has them."""
+  size = config.model.image_size
+  variables = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+  if config.init_from:
+    variables = pretrained.load(config.init_from, config.model, init_variables=variables)
+  return dict(variables)
+
+
+def train_step(state, batch, *, model, tx, mask, seed, label_smoothing):
+  """One micro-batch: forward, input/adapter gradients, (accumulated) SGD update."""
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def loss_fn(params):
+    variables = {'params': peft.stop_frozen_gradients(params, mask)}
+    if state.batch_stats:
+      variables['batch_stats'] = state.batch_stats
+    logits, new_vars = model.apply(variables, batch['image'], train=True,
+                                   mutable=['batch_stats'], rngs={'dropout': rng})
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(batch['label'], logits.shape[-1]), label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, (logits, new_vars.get('batch_stats', state.batch_stats))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  params = peft.apply_updates(state.params, updates, mask)
+  # A non-finite step leaves parameters, statistics and optimizer state as they were.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  state = state.replace(step=state.step + 1, params=params,
+                        batch_stats=keep(batch_stats, state.batch_stats),
+                        opt_state=opt_state)
+  return state, {'loss': loss, 'finite': finite,
+                 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+
+class Run:
+  """The pieces every job needs: model, mask, optimizer and the (abstract) train state."""
+
+  def __init__(self, config, num_train):
+    self.config = config
+    self.mesh = sharding.make_mesh()
+    self.plan = make_plan(config, num_train)
+    self.model = models.build(config.model)
+    size = config.model.image_size
+    self.abstract_variables = jax.eval_shape(
+        lambda: self.model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    self.mask = peft.trainable_mask(self.abstract_variables['params'], config.model)
+    self.tx, self.schedule = make_optimizer(config, self.plan, self.mask)
+    self.replicated = sharding.replicated(self.mesh)
+
+  def initial_state(self):
+    variables = init_variables(self.config, self.model, jax.random.key(self.config.seed))
+    variables = jax.device_put(variables, self.replicated)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=jax.jit(self.tx.init, out_shardings=self.replicated)(params))
+
+  def abstract_state(self):
+    """Shapes and shardings of the state, for restoring without materialising an init."""
+    def init():
+      variables = self.abstract_variables
+      return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                        batch_stats=variables.get('batch_stats', {}),
+                        opt_state=self.tx.init(variables['params']))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
+        jax.eval_shape(init))
+
+  def jit_train_step(self):
+    step = functools.partial(
+        train_step, model=self.model, tx=self.tx, mask=self.mask, seed=self.config.seed,
+        label_smoothing=self.config.optimizer.label_smoothing)
+    return jax.jit(step, donate_argnums=0)
+
+  def variables(self, state):
+    variables = {'params': state.params}
+    if state.batch_stats:
+      variables['batch_stats'] = state.batch_stats
+    return variables
+
+
+def prepare_workdir(config, workdir):
+  """Creates workdir, records the config, and refuses to resume with a different model/data."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'--workdir {workdir} is not writable ({e.strerror}); choose '
+                    'another directory.') from None
+  path = os.path.join(workdir, CONFIG_FILE)
+  if jax.process_index() == 0 and not os.path.exists(path):
+    with open(path, 'w') as f:
+      f.write(config.to_json(indent=2))
+    return
+  saved = load_workdir_config(workdir)
+  conflicts, changes = [], []
+  for key, value in _flat(config.to_dict()).items():
+    old = _flat(saved.to_dict()).get(key, '<absent>')
+    if old != value:
+      (changes if key.split('.')[0] in RESUMABLE_FIELDS else conflicts).append(
+          f'{key}: {old!r} -> {value!r}')
+  if conflicts:
+    raise UserError(f'--workdir {workdir} holds a run with a different config ('
+                    + '; '.join(conflicts) + '); use a new --workdir or the same config.')
+  for change in changes:
+    logging.warning('Resuming with a changed setting: %s', change)
+
+
+def load_workdir_config(workdir):
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserError(f'--workdir {workdir}: cannot read {CONFIG_FILE} ({e}); pass --config.'
+                    ) from None
+
+
+def _flat(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _eval_dataset(config, run):
+  return data.eval_iterator(config.data, image_size=config.model.image_size,
+                            global_batch=config.eval_batch_size,
+                            sharding=sharding.batch_sharding(run.mesh))
+
+
+def _dataset_info(config):
+  info = data.info(config.data)
+  data.check_num_classes(info, config.model.num_classes)
+  return info
+
+
+def train_and_evaluate(config, workdir):
+  """Trains (resuming from the latest checkpoint in workdir), evaluates, returns eval metrics."""
+  prepare_workdir(config, workdir)
+  info = _dataset_info(config)
+  run = Run(config, info.num_train)
+  plan = run.plan
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(run.abstract_state())
+    logging.info('Resumed from step %d in %s.', int(state.step), workdir)
+  else:
+    state = run.initial_state()
+  start = int(state.step)
+  total = plan.total_steps
+  logging.info('Training %s on %s: %d of %d trainable parameters, %d updates of %d images.',
+               config.model.tuning, config.data.name, peft.count(state.params, run.mask),
+               peft.count(state.params), plan.total_updates, config.batch_size)
+  train_iter = data.train_iterator(
+      config.data, image_size=config.model.image_size, global_batch=plan.micro_batch,
+      sharding=sharding.batch_sharding(run.mesh), seed=config.seed, start_step=start)
+  step_fn = run.jit_train_step()
+  writer = metrics.MetricWriter(workdir)
+  progress = metrics.Progress(total, start, plan.micro_batch, config.progress)
+  pending, skipped, eval_metrics, t0 = [], 0, None, time.perf_counter()
+
+  def flush(step):
+    """Fetches the pending step metrics: the NaN guard and the logs read them here."""
+    nonlocal pending, skipped
+    if not pending:
+      return
+    fetched, pending = jax.device_get(pending), []
+    bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched) if not m['finite']]
+    if bad and config.nonfinite == 'stop':
+      last = ckpt.latest_step()
+      raise TrainingDiverged(
+          f'loss or gradient became non-finite at step {bad[0]}; stopped. The last good '
+          f'checkpoint (step {last}) is kept. Lower config.optimizer.base_lr or set '
+          "config.nonfinite='skip'.")
+    skipped += len(bad)
+    good = [m for m in fetched if m['finite']] or fetched
+    loss = sum(float(m['loss']) for m in good) / len(good)
+    acc = sum(float(m['accuracy']) for m in good) / len(good)
+    rate = progress.update(step, loss=loss)
+    writer.write(step, {'train/loss': loss, 'train/accuracy': acc, 'img_per_s': rate,
+                        'lr': float(run.schedule(step // plan.accum_steps)),
+                        'skipped_nonfinite': skipped})
+
+  try:
+    for step in range(start, total):
+      state, step_metrics = step_fn(state, next(train_iter))
+      pending.append(step_metrics)
+      done = step + 1
+      last = done == total
+      if last or done % config.log_every_steps == 0:
+        flush(done)
+      evaluate_now = last or (config.eval_every_steps and done % config.eval_every_steps == 0)
+      if evaluate_now:
+        flush(done)
+        eval_metrics = evaluate.evaluate(run.model, run.variables(state),
+                                         _eval_dataset(config, run))
+        writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
+      if last or done % config.checkpoint_every_steps == 0:
+        flush(done)
+        ckpt.save(done, state)
+    if eval_metrics is None:  # resumed after the last step: evaluate what is there
+      eval_metrics = evaluate.evaluate(run.model, run.variables(state),
+                                       _eval_dataset(config, run))
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+  elapsed = time.perf_counter() - t0
+  logging.info('Done: %s top-1 %.4f top-5 %.4f on %d images (%s, %d steps in %.0fs).',
+               config.data.name, eval_metrics['top1'], eval_metrics['top5'],
+               eval_metrics['count'], config.model.tuning, total - start, elapsed)
+  return eval_metrics
+
+
+def _restore(config, workdir, checkpoint_path=None):
+  """The model, run and trained state of a workdir (latest, or `checkpoint_path`)."""
+  info = _dataset_info(config)
+  run = Run(config, info.num_train)
+  if checkpoint_path:
+    return info, run, checkpoint.restore_path(checkpoint_path, run.abstract_state())
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints) \
+      if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None
+  if ckpt is None or ckpt.latest_step() is None:
+    raise UserError(f'--workdir {workdir} has no checkpoint; train first, or pass '
+                    '--checkpoint PATH.')
+  try:
+    return info, run, ckpt.restore(run.abstract_state())
+  finally:
+    ckpt.close()
+
+
+def evaluate_workdir(config, workdir, checkpoint_path=None, adapters=None):
+  """Eval job: a trained checkpoint, or the frozen backbone with exported adapters swapped in."""
+  if adapters:
+    info = _dataset_info(config)
+    run = Run(config, info.num_train)
+    variables = init_variables(config, run.model, jax.random.key(config.seed))
+    variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
+    variables = jax.device_put(variables, run.replicated)
+  else:
+    _, run, state = _restore(config, workdir, checkpoint_path)
+    variables = run.variables(state)
+  result = evaluate.evaluate(run.model, variables, _eval_dataset(config, run))
+  if jax.process_index() == 0 and os.path.isdir(workdir):
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump(result, f)
+  return result
+
+
+def export(config, workdir, out_dir, checkpoint_path=None):
+  """Export job: writes the trainable leaves of the latest checkpoint to out_dir."""
+  info, run, state = _restore(config, workdir, checkpoint_path)
+  return checkpoint.export_adapters(out_dir, run.variables(state), run.mask,
+                                    config.model, info.class_names)
