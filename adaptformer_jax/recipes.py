@@ -29,6 +29,8 @@ def base(model_cfg, data_name, **data):
   config.data.update(data)
   # Path of pretrained weights (.pth/.npz/.safetensors/orbax dir); '' = random init.
   config.init_from = ''
+  # Parameter regexes that keep their fresh init even when init_from has them.
+  config.init_dont_load = ()
   config.seed = 0
   config.batch_size = 1024        # effective batch per optimizer update
   config.accum_steps = 1          # micro-batches per update (optax.MultiSteps)

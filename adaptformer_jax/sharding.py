@@ -45,6 +45,11 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
+def tree_shardings(tree, mesh):
+  """The sharding of each leaf of a parameter/optimizer-state pytree: replicated."""
+  return jax.tree.map(lambda _: replicated(mesh), tree)
+
+
 def check_batch_divisible(batch_size, what='config.batch_size'):
   """The global batch must split evenly over processes and devices."""
   for count, name in ((jax.process_count(), 'processes'), (jax.device_count(), 'devices')):

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -92,12 +93,20 @@ def make_optimizer(config, plan, mask):
 
 
 def init_variables(config, model, rng):
-  """Fresh variables, overwritten by `config.init_from` where the checkpoint has them."""
+  """Fresh variables, overwritten by `config.init_from` where the checkpoint has them.
+
+  Leaves matching a `config.init_dont_load` regex (e.g. 'head/.*' to start a new
+  task's classifier afresh) keep their fresh values, as big_vision's dont_load.
+  """
   size = config.model.image_size
-  variables = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
-  if config.init_from:
-    variables = pretrained.load(config.init_from, config.model, init_variables=variables)
-  return dict(variables)
+  fresh = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+  if not config.init_from:
+    return dict(fresh)
+  loaded = pretrained.load(config.init_from, config.model, init_variables=fresh)
+  rules = [re.compile(r) for r in config.init_dont_load]
+  keep_fresh = lambda path, new, old: old if any(
+      r.fullmatch('/'.join(k.key for k in path[1:])) for r in rules) else new
+  return jax.tree_util.tree_map_with_path(keep_fresh, dict(loaded), dict(fresh))
 
 
 def train_step(state, batch, *, model, tx, mask, seed, label_smoothing):
@@ -142,15 +151,19 @@ class Run:
         lambda: self.model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
     self.mask = peft.trainable_mask(self.abstract_variables['params'], config.model)
     self.tx, self.schedule = make_optimizer(config, self.plan, self.mask)
-    self.replicated = sharding.replicated(self.mesh)
+
+  def place(self, tree):
+    """Puts a pytree of arrays on the mesh with the partitioning rules of `sharding`."""
+    return jax.device_put(tree, sharding.tree_shardings(tree, self.mesh))
 
   def initial_state(self):
-    variables = init_variables(self.config, self.model, jax.random.key(self.config.seed))
-    variables = jax.device_put(variables, self.replicated)
+    variables = self.place(
+        init_variables(self.config, self.model, jax.random.key(self.config.seed)))
     params = variables['params']
+    opt_shardings = sharding.tree_shardings(jax.eval_shape(self.tx.init, params), self.mesh)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
-                      opt_state=jax.jit(self.tx.init, out_shardings=self.replicated)(params))
+                      opt_state=jax.jit(self.tx.init, out_shardings=opt_shardings)(params))
 
   def abstract_state(self):
     """Shapes and shardings of the state, for restoring without materialising an init."""
@@ -159,15 +172,17 @@ class Run:
       return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                         batch_stats=variables.get('batch_stats', {}),
                         opt_state=self.tx.init(variables['params']))
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
-        jax.eval_shape(init))
+    abstract = jax.eval_shape(init)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, sharding.tree_shardings(abstract, self.mesh))
 
   def jit_train_step(self):
     step = functools.partial(
         train_step, model=self.model, tx=self.tx, mask=self.mask, seed=self.config.seed,
         label_smoothing=self.config.optimizer.label_smoothing)
-    return jax.jit(step, donate_argnums=0)
+    state_shardings = sharding.tree_shardings(self.abstract_state(), self.mesh)
+    return jax.jit(step, donate_argnums=0,
+                   out_shardings=(state_shardings, sharding.replicated(self.mesh)))
 
   def variables(self, state):
     variables = {'params': state.params}
@@ -339,7 +354,7 @@ def evaluate_workdir(config, workdir, checkpoint_path=None, adapters=None):
     run = Run(config, info.num_train)
     variables = init_variables(config, run.model, jax.random.key(config.seed))
     variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
-    variables = jax.device_put(variables, run.replicated)
+    variables = run.place(variables)
   else:
     _, run, state = _restore(config, workdir, checkpoint_path)
     variables = run.variables(state)

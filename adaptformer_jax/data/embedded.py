@@ -1,0 +1,66 @@
+"""`sklearn_digits`: a tiny image-classification dataset that builds offline.
+
+It wraps scikit-learn's bundled handwritten digits (1797 8x8 images, no
+download) as an ordinary tfds dataset, so demos, tests and the transfer recipe
+(pre-train on digits 0-4, adapt on 5-9) run on machines without network access
+through exactly the same tfds code path as CIFAR or ImageNet.
+"""
+import numpy as np
+import tensorflow_datasets as tfds
+
+NAME = 'sklearn_digits'
+
+
+class SklearnDigitsConfig(tfds.core.BuilderConfig):
+  """A subset of the digits; labels are the digits minus the first one."""
+
+  def __init__(self, *, digits, **kwargs):
+    super().__init__(**kwargs)
+    self.digits = tuple(digits)
+
+
+class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+  """scikit-learn's handwritten digits as (8, 8, 1) uint8 images in 0..255."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [
+      SklearnDigitsConfig(name='all', digits=range(10),
+                          description='All ten digits.'),
+      SklearnDigitsConfig(name='classes_0to4', digits=range(5),
+                          description='Digits 0-4, labels 0-4.'),
+      SklearnDigitsConfig(name='classes_5to9', digits=range(5, 10),
+                          description='Digits 5-9, labels 0-4.'),
+  ]
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(8, 8, 1)),
+            'label': tfds.features.ClassLabel(
+                names=[str(d) for d in self.builder_config.digits]),
+        }),
+        supervised_keys=('image', 'label'),
+        homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html',
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # the data ships with scikit-learn
+    return {'train': self._generate_examples('train'),
+            'test': self._generate_examples('test')}
+
+  def _generate_examples(self, split):
+    # Imported here: scikit-learn is only needed while building.
+    from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+    from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+    digits = sk_datasets.load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    # One stratified 80/20 split of all digits, so every config's train and
+    # test sets are subsets of the `all` config's.
+    index = np.arange(len(images))
+    train, test = model_selection.train_test_split(
+        index, test_size=0.2, stratify=digits.target, random_state=0)
+    first = self.builder_config.digits[0]
+    for i in sorted(train if split == 'train' else test):
+      if digits.target[i] in self.builder_config.digits:
+        yield int(i), {'image': images[i], 'label': int(digits.target[i]) - first}

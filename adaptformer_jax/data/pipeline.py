@@ -1,0 +1,269 @@
+"""tfds input pipelines that yield globally sharded jax.Arrays.
+
+Training data is a pure function of (seed, step): epoch e is the split shuffled
+with a seed derived from (seed, e), and each example's augmentation is seeded by
+its position in that stream. Resuming at step s therefore skips s * batch
+undecoded records and reproduces the uninterrupted run exactly. Nothing here
+ever downloads: an unprepared dataset is a UserError that says how to prepare
+it, except the embedded `sklearn_digits`, which builds itself offline.
+"""
+import collections
+import contextlib
+import dataclasses
+import difflib
+import itertools
+
+from absl import logging
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from adaptformer_jax import sharding as sharding_lib
+from adaptformer_jax.data import embedded
+from adaptformer_jax.data import preprocess
+from adaptformer_jax.errors import UserError
+
+# TF only feeds the host pipeline; keep it off any accelerator JAX wants.
+with contextlib.suppress(RuntimeError):  # TF devices already initialised
+  tf.config.set_visible_devices([], 'GPU')
+
+_ENDLESS = 2**62  # epochs (or positions) to iterate: effectively forever
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the step plan need to know about a dataset."""
+  num_classes: int
+  class_names: list
+  num_train: int  # examples in data.train_split (all processes)
+  num_eval: int   # examples in data.eval_split (all processes)
+  name: str = ''
+
+
+def info(data_cfg):
+  """Class names and split sizes; prepares the embedded dataset if needed."""
+  builder = _builder(data_cfg)
+  label = builder.info.features['label']
+  return DatasetInfo(
+      num_classes=label.num_classes, class_names=list(label.names),
+      num_train=_count(builder, data_cfg.train_split, 'data.train_split'),
+      num_eval=_count(builder, data_cfg.eval_split, 'data.eval_split'),
+      name=str(data_cfg.name))
+
+
+def check_num_classes(dataset_info, model_num_classes):
+  """The model head must have one output per dataset class."""
+  if dataset_info.num_classes != model_num_classes:
+    raise UserError(
+        f'model.num_classes={model_num_classes} but dataset '
+        f'{dataset_info.name!r} has {dataset_info.num_classes} classes; set '
+        f'model.num_classes={dataset_info.num_classes}.')
+
+
+def train_iterator(data_cfg, *, image_size, global_batch, sharding, seed,
+                   start_step=0):
+  """Endless {'image', 'label'} global batches; from `start_step` on, exactly
+  the batches an uninterrupted run sees at those steps.
+
+  `sharding` is a NamedSharding that splits the batch axis, e.g. P('data').
+  """
+  local_batch = _local_batch(global_batch)
+  builder = _builder(data_cfg)
+  _count(builder, data_cfg.train_split, 'data.train_split')
+  split = _process_split(data_cfg.train_split)
+  num = _count(builder, split, 'data.train_split')
+  pp = preprocess.make(data_cfg.train_pp, image_size=image_size,
+                       normalize=data_cfg.normalize, field='data.train_pp')
+  decode = builder.info.features['image'].decode_example
+  records = _records(builder, split)
+  buffer = min(int(data_cfg.shuffle_buffer), num)
+  shuffle_key = _fold(tf.constant([0, seed], tf.int64), 0)
+  augment_key = _fold(_fold(tf.constant([0, seed], tf.int64), 1),
+                      jax.process_index())
+
+  def epoch(e):
+    if buffer <= 1:
+      return records
+    epoch_seed = tf.random.stateless_uniform(
+        [], _fold(shuffle_key, e), minval=None, maxval=None, dtype=tf.int64)
+    return records.shuffle(buffer, seed=epoch_seed)
+
+  def example(position, record):
+    encoded, label = record
+    return {'image': pp(decode(encoded), _fold(augment_key, position)),
+            'label': tf.cast(label, tf.int32)}
+
+  first = start_step * local_batch
+  ds = tf.data.Dataset.range(first // num, _ENDLESS).flat_map(epoch)
+  ds = ds.skip(first % num).enumerate(start=first)  # skips before decoding
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _device_batches(_deterministic(ds), sharding)
+
+
+def eval_iterator(data_cfg, *, image_size, global_batch, sharding):
+  """Re-iterable passes over the eval split: {'image', 'label', 'mask'} batches.
+
+  The last batch is padded (mask 0.0) and every process yields the same number
+  of batches, so masked metrics count each example exactly once.
+  """
+  local_batch = _local_batch(global_batch)
+  builder = _builder(data_cfg)
+  _count(builder, data_cfg.eval_split, 'data.eval_split')
+  counts = [_count(builder, s, 'data.eval_split')
+            for s in tfds.even_splits(data_cfg.eval_split, n=jax.process_count())]
+  num_batches = -(-max(counts) // local_batch)
+  pp = preprocess.make(data_cfg.eval_pp, image_size=image_size,
+                       normalize=data_cfg.normalize, field='data.eval_pp')
+  decode = builder.info.features['image'].decode_example
+  key = tf.constant([0, 0], tf.int64)  # random eval ops stay deterministic
+
+  def example(index, record):
+    encoded, label = record
+    return {'image': pp(decode(encoded), _fold(key, index)),
+            'label': tf.cast(label, tf.int32), 'mask': tf.constant(1.0)}
+
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros((image_size, image_size, 3)),
+      'label': tf.constant(0), 'mask': tf.constant(0.0)}).repeat()
+  ds = _records(builder, _process_split(data_cfg.eval_split)).enumerate()
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE).concatenate(padding)
+  ds = ds.take(num_batches * local_batch).batch(local_batch)
+  return EvalBatches(_deterministic(ds.prefetch(tf.data.AUTOTUNE)), sharding,
+                     num_batches)
+
+
+class EvalBatches:
+  """Each `iter()` is a fresh pass; `len()` is the number of batches."""
+
+  def __init__(self, ds, sharding, num_batches):
+    self._ds, self._sharding, self._num_batches = ds, sharding, num_batches
+
+  def __iter__(self):
+    return _device_batches(self._ds, self._sharding)
+
+  def __len__(self):
+    return self._num_batches
+
+
+def _device_batches(ds, sharding, in_flight=2):
+  """Host batches -> global jax.Arrays, with `in_flight` transfers queued ahead."""
+  batches = ds.as_numpy_iterator()
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(batches, n):
+      queue.append({k: jax.make_array_from_process_local_data(sharding, v)
+                    for k, v in batch.items()})
+
+  enqueue(in_flight)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
+
+
+def _local_batch(global_batch):
+  sharding_lib.check_batch_divisible(global_batch, 'global batch size')
+  return global_batch // jax.process_count()
+
+
+def _process_split(split):
+  return tfds.even_splits(split, n=jax.process_count())[jax.process_index()]
+
+
+def _fold(key, data):
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64))
+
+
+def _deterministic(ds):
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def _records(builder, split):
+  """(encoded image, label) pairs in file order: cheap to skip, decoded later."""
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  return ds.map(lambda ex: (ex['image'], ex['label']))
+
+
+def _builder(data_cfg):
+  """The prepared tfds builder of data.name, or a UserError saying what to do."""
+  name, data_dir = str(data_cfg.name), data_cfg.data_dir
+  try:
+    dataset, _ = tfds.core.naming.parse_builder_name_kwargs(name)
+  except ValueError:
+    raise UserError(f"data.name: {name!r} is not a dataset name; use 'name', "
+                    "'name/config' or 'name/config:version', e.g. 'cifar100'.") from None
+  if dataset.namespace:
+    raise UserError(
+        f'data.name: {name!r} is a namespaced (community / Hugging Face) dataset, '
+        'which tfds fetches over the network; this pipeline never downloads. '
+        'Prepare it as a tfds dataset on a connected machine and copy it into '
+        'data.data_dir.')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    known = tfds.list_builders(with_community_datasets=False)  # no network
+    known += [f'{embedded.NAME}/{c.name}' for c in embedded.SklearnDigits.BUILDER_CONFIGS]
+    close = difflib.get_close_matches(dataset.name, known, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ''
+    raise UserError(
+        f'data.name: unknown dataset {name!r}{hint}; use a tfds image '
+        f"classification dataset (tfds.list_builders()) or the offline "
+        f"'{embedded.NAME}/all'.") from None
+  except (ValueError, AssertionError) as e:  # e.g. an unknown config or version
+    raise UserError(f'data.name: cannot load {name!r} ({_reason(e)}){_configs(dataset.name)}.') from None
+  if not builder.is_prepared():
+    if builder.name != embedded.NAME:
+      root = data_dir or tfds.core.constants.DATA_DIR
+      raise UserError(
+          f'data.name: dataset {name!r} is not prepared in data_dir {root!r} '
+          f'(expected {builder.data_dir}). Nothing is downloaded here: run '
+          f'`tfds build {name} --data_dir {root}` on a machine with network '
+          f'access and copy {root}/{builder.name} here, or set data.data_dir to '
+          'the folder that holds the prepared dataset.')
+    logging.info('Building %s offline into %s.', name, builder.data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  features = dict(builder.info.features)
+  if not (isinstance(features.get('image'), tfds.features.Image)
+          and isinstance(features.get('label'), tfds.features.ClassLabel)):
+    raise UserError(
+        f"data.name: {name!r} is not an image classification dataset: it needs "
+        f"an 'image' Image and a 'label' ClassLabel feature, it has "
+        f'{features}.')
+  return builder
+
+
+def _reason(error):
+  """tfds's own explanation, without its wrapper and candidate lists."""
+  return str(error).split('": ', 1)[-1].split(' Here are')[0].split('\n')[0].rstrip('.')
+
+
+def _configs(dataset):
+  try:
+    configs = list(tfds.builder_cls(dataset).builder_configs)
+  except tfds.core.DatasetNotFoundError:
+    return ''
+  if not configs:
+    return f'; {dataset!r} has no configs, use data.name={dataset!r}'
+  return f"; configs of {dataset!r}: {', '.join(configs)}"
+
+
+def _count(builder, split, field):
+  """Examples in `split`, or a UserError naming the field and the splits."""
+  splits = builder.info.splits
+  available = ', '.join(f'{s} ({splits[s].num_examples})' for s in splits)
+  try:
+    num = splits[split].num_examples
+  except (ValueError, KeyError, AssertionError) as e:
+    reason = str(e).split('\n')[-1]
+    raise UserError(
+        f'{field}: invalid split {split!r} for {builder.name} ({reason}); '
+        f"available splits: {available}; slices look like 'train[:90%]'.") from None
+  if num <= 0:
+    raise UserError(f'{field}: split {split!r} of {builder.name} selects no '
+                    f'examples; available splits: {available}.')
+  return num

@@ -1,0 +1,147 @@
+"""Image preprocessing: '|'-separated op strings compiled to pure tf functions.
+
+Every random op draws from an explicit stateless seed, so an example's
+augmentation is a function of (seed, example position) and resuming a run
+reproduces it exactly. Ops follow the torchvision recipes of the official
+AdaptFormer code (bicubic, PIL-like antialiasing), on float32 images in [0, 1].
+"""
+import math
+
+import tensorflow as tf
+
+from adaptformer_jax.errors import ConfigError
+
+NORMALIZE = {
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # The CIFAR recipe of the AdaptFormer notebooks.
+    'cifar': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    'none': ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+def _resize(image, height, width):
+  """Bicubic resize (antialiased like PIL); a no-op at the target size."""
+  def resize():
+    out = tf.image.resize(image, (height, width), method='bicubic', antialias=True)
+    return tf.clip_by_value(out, 0.0, 1.0)  # bicubic overshoots; PIL clamps too
+  shape = tf.shape(image)
+  return tf.cond((shape[0] == height) & (shape[1] == width), lambda: image, resize)
+
+
+def random_resized_crop_box(height, width, seed):
+  """torchvision RandomResizedCrop's window (top, left, height, width), defaults
+  scale=(0.08, 1), ratio=(3/4, 4/3): 10 tries, then a ratio-clamped center crop.
+  """
+  scale, log_ratio, attempts = (0.08, 1.0), (math.log(3 / 4), math.log(4 / 3)), 10
+  area_seed, ratio_seed, i_seed, j_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  area = tf.cast(height * width, tf.float32)
+  target_area = area * tf.random.stateless_uniform([attempts], area_seed, *scale)
+  aspect = tf.exp(tf.random.stateless_uniform([attempts], ratio_seed, *log_ratio))
+  ws = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+  hs = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+  valid = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+  found = tf.reduce_any(valid)
+  first = tf.argmax(tf.cast(valid, tf.int32))
+  in_ratio = tf.cast(width, tf.float32) / tf.cast(height, tf.float32)
+  fallback_w = tf.where(
+      in_ratio > 4 / 3, tf.cast(tf.round(tf.cast(height, tf.float32) * 4 / 3), tf.int32), width)
+  fallback_h = tf.where(
+      in_ratio < 3 / 4, tf.cast(tf.round(tf.cast(width, tf.float32) * 4 / 3), tf.int32), height)
+  w = tf.where(found, ws[first], fallback_w)
+  h = tf.where(found, hs[first], fallback_h)
+  top = tf.where(found, tf.random.stateless_uniform(
+      [], i_seed, 0, height - h + 1, dtype=tf.int32), (height - h) // 2)
+  left = tf.where(found, tf.random.stateless_uniform(
+      [], j_seed, 0, width - w + 1, dtype=tf.int32), (width - w) // 2)
+  return top, left, h, w
+
+
+def random_resized_crop(image, seed, size):
+  """torchvision RandomResizedCrop(size) with bicubic interpolation."""
+  shape = tf.shape(image)
+  top, left, h, w = random_resized_crop_box(shape[0], shape[1], seed)
+  return _resize(image[top:top + h, left:left + w], size, size)
+
+
+def flip(image, seed, size):
+  """Horizontal flip with probability 1/2."""
+  del size
+  return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def pad_crop(image, seed, size):
+  """The CIFAR recipe: zero-pad 4 pixels, random crop back (resized to size first)."""
+  image = tf.pad(_resize(image, size, size), [[4, 4], [4, 4], [0, 0]])
+  return tf.image.stateless_random_crop(image, (size, size, 3), seed)
+
+
+def resize(image, seed, size):
+  """Bicubic to size x size, ignoring the aspect ratio."""
+  del seed
+  return _resize(image, size, size)
+
+
+def resize_center_crop(image, seed, size):
+  """Official eval: shorter side to size*256/224 (256 for 224), center crop size."""
+  del seed
+  short = int(size * 256 / 224)
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  # torchvision Resize(int): the longer side is int(short * long / shorter).
+  scaled_h = tf.where(height <= width, short, short * height // width)
+  scaled_w = tf.where(height <= width, short * width // height, short)
+  return center_crop(_resize(image, scaled_h, scaled_w), None, size)
+
+
+def center_crop(image, seed, size):
+  """torchvision CenterCrop: crops, or zero-pads an image smaller than size."""
+  del seed
+  return tf.image.resize_with_crop_or_pad(image, size, size)
+
+
+OPS = {op.__name__: op for op in (random_resized_crop, flip, pad_crop, resize,
+                                  resize_center_crop, center_crop)}
+SIZING_OPS = ('random_resized_crop', 'pad_crop', 'resize', 'resize_center_crop',
+              'center_crop')
+
+
+def parse(pp, field='data.train_pp'):
+  """The op names of an op string, validated: each op known, at least one sizing op."""
+  ops = tuple(op.strip() for op in str(pp).split('|') if op.strip())
+  for op in ops:
+    if op not in OPS:
+      raise ConfigError(f"{field}: unknown preprocessing op {op!r}; allowed ops: "
+                        f"{', '.join(OPS)} (joined with '|').")
+  if not any(op in SIZING_OPS for op in ops):
+    raise ConfigError(
+        f'{field}: {pp!r} never sizes images to the model resolution; add one of '
+        f"{', '.join(SIZING_OPS)}, e.g. 'random_resized_crop|flip'.")
+  return ops
+
+
+def make(pp, *, image_size, normalize, field='data.train_pp'):
+  """`fn(image, seed) -> float32 (image_size, image_size, 3)`, normalised.
+
+  `image` is a decoded uint8 (H, W, C) tensor with any number of channels (1 is
+  tiled to RGB, alpha dropped); `seed` a stateless seed, shape (2,) int64.
+  """
+  ops = parse(pp, field)
+  if normalize not in NORMALIZE:
+    raise ConfigError(f'data.normalize: {normalize!r} is not one of '
+                      f"{', '.join(map(repr, NORMALIZE))}.")
+  mean, std = NORMALIZE[normalize]
+
+  def fn(image, seed):
+    image = tf.cond(tf.shape(image)[-1] < 3,
+                    lambda: tf.tile(image[..., :1], [1, 1, 3]),
+                    lambda: image[..., :3])
+    image.set_shape((None, None, 3))
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, len(ops)))
+    for op, op_seed in zip(ops, seeds):
+      image = OPS[op](image, op_seed, image_size)
+    image = tf.ensure_shape(image, (image_size, image_size, 3))
+    return (image - mean) / std
+
+  return fn

@@ -1,0 +1,73 @@
+"""Is the input pipeline fast enough? Images/s of the pipeline alone vs. a train step.
+
+Feeds the offline `sklearn_digits` dataset through the official train
+preprocessing (random_resized_crop|flip to 224 px) and times it, then times the
+training loop's own jitted ViT-Ti/16 AdaptFormer step at the same batch size.
+A last-line `ratio` below 1 means training on this host would wait for data.
+
+  python benchmarks/input_pipeline.py [--batch 32] [--data_dir DIR]
+"""
+import argparse
+import tempfile
+import time
+
+import jax
+
+from adaptformer_jax import data
+from adaptformer_jax import models
+from adaptformer_jax import recipes
+from adaptformer_jax import sharding
+from adaptformer_jax import train
+
+
+def images_per_second(step, batch, warmup, iters):
+  """Calls `step()` (which blocks on its result) warmup + iters times."""
+  for _ in range(warmup):
+    step()
+  start = time.perf_counter()
+  for _ in range(iters):
+    step()
+  return batch * iters / (time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--pipeline_batches', type=int, default=30)
+  parser.add_argument('--train_steps', type=int, default=5)
+  parser.add_argument('--data_dir', default=None,
+                      help='tfds data_dir (default: a fresh temporary one)')
+  args = parser.parse_args()
+  data_dir = args.data_dir or tempfile.mkdtemp(prefix='tfds_')
+
+  model = models.preset('vit_ti16', num_classes=10, tuning='adaptformer',
+                        image_size=args.image_size)
+  config = recipes.base(model, 'sklearn_digits/all', data_dir=data_dir)
+  config.batch_size = args.batch
+  info = data.info(config.data)  # builds the dataset on first use
+  run = train.Run(config, info.num_train)
+  batches = data.train_iterator(
+      config.data, image_size=args.image_size, global_batch=args.batch,
+      sharding=sharding.batch_sharding(run.mesh), seed=0)
+
+  pipeline = images_per_second(
+      lambda: jax.block_until_ready(next(batches)), args.batch, 5, args.pipeline_batches)
+  print(f'pipeline: {pipeline:.1f} images/s ({jax.device_count()} {jax.default_backend()} '
+        f'device(s), batch {args.batch}, {args.image_size} px, {config.data.train_pp})')
+
+  step_fn = run.jit_train_step()
+  state, batch = run.initial_state(), next(batches)
+
+  def step():
+    nonlocal state
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics['loss'])
+
+  stepping = images_per_second(step, args.batch, 1, args.train_steps)
+  print(f'train step: {stepping:.1f} images/s (ViT-Ti/16 adaptformer, train.Run)')
+  print(f'ratio: {pipeline / stepping:.2f}')
+
+
+if __name__ == '__main__':
+  main()
