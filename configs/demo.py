@@ -22,10 +22,13 @@ def get_config(arg=None):
   config.warmup_steps = 30
   config.checkpoint_every_steps = 1000
   config.log_every_steps = 50
+  config.init_dont_load = ('head/.*',)
   config.pretrain = ml_collections.ConfigDict(dict(
       data_name='sklearn_digits/classes_0to4', num_train_steps=1500, warmup_steps=100,
       base_lr=0.4))
-  # Adaptation learning rate (per 256 images) for each method.
+  # Adaptation learning rate (per 256 images) for each method, the best of a sweep:
+  # full {0.05, 0.1, 0.2, 0.4}; adaptformer, vpt_deep {0.4, 1, 2, 4}; linear
+  # {0.4, 2, 8}; lora {0.4, 1}.
   config.methods = ml_collections.ConfigDict(dict(
-      adaptformer=0.4, vpt_deep=0.4, lora=0.4, linear=0.4, full=0.1))
+      adaptformer=2.0, vpt_deep=2.0, lora=1.0, linear=2.0, full=0.2))
   return config
