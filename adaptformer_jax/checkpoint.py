@@ -4,10 +4,13 @@ An adapter export holds only what a task adds to a frozen backbone: the trainabl
 parameters and the head's BatchNorm statistics -- about 5 MB for ViT-B/16.
 """
 import json
+import logging
 import os
+import shutil
 
 import flax.traverse_util
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
@@ -21,13 +24,21 @@ ARCHITECTURE_FIELDS = ('name', 'patch_size', 'width', 'depth', 'num_heads', 'mlp
 
 
 class Checkpointer:
-  """Atomic, asynchronous saves of the train state under `<workdir>/checkpoints/<step>`."""
+  """Atomic, asynchronous saves of the train state under `<workdir>/checkpoints/<step>`.
 
-  def __init__(self, workdir, max_to_keep=3):
+  orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it when
+  complete, so a save cut short (kill -9, preemption) is never listed as a step;
+  a writable Checkpointer deletes such leftovers when it opens. A read-only one
+  (eval, export) creates, deletes and renames nothing.
+  """
+
+  def __init__(self, workdir, max_to_keep=3, read_only=False):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only,
+            cleanup_tmp_directories=not read_only))
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -36,13 +47,67 @@ class Checkpointer:
     self._manager.save(int(step), args=ocp.args.StandardSave(state))
 
   def restore(self, abstract_state, step=None):
-    """Restores `step` (default: latest) into the structure and shardings of `abstract_state`."""
-    step = self.latest_step() if step is None else step
+    """Restores `step` into the structure and shardings of `abstract_state`.
+
+    Without `step`, the newest step that reads back: a newer one that does not
+    (files truncated or lost, e.g. a full disk or a copy cut short) is logged and,
+    unless read-only, renamed to `<step>.unreadable` so training can save that
+    step again. A run thus resumes from the last good checkpoint.
+    """
+    if step is not None:
+      return self._restore(step, abstract_state)
+    failed = []
+    for candidate in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state = self._restore(candidate, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+        failed.append(candidate)
+        logging.warning('Checkpoint step %d in %s is unreadable: %s', candidate,
+                        self.directory, first_line(e))
+        continue
+      if failed:
+        self._set_aside(failed)
+        logging.warning('Restored checkpoint step %d instead of the unreadable step %s%s.',
+                        candidate, ', '.join(map(str, failed)),
+                        '' if self.read_only else ' (kept as <step>.unreadable)')
+      return state
+    raise UserError(f'{self.directory}: no checkpoint step could be restored (see the '
+                    'warnings above); move the directory away to start afresh.')
+
+  def _restore(self, step, abstract_state):
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def _set_aside(self, steps):
+    if self.read_only:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        shutil.rmtree(path + '.unreadable', ignore_errors=True)
+        os.rename(path, path + '.unreadable')
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('checkpoint set aside')
+    self._manager.reload()
 
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def latest_step(workdir):
+  """The newest complete step in `<workdir>/checkpoints`, or None; creates nothing."""
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return None
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def first_line(error):
+  """The gist of a library exception, for one-line messages."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def restore_path(path, abstract_state):
@@ -55,6 +120,9 @@ def restore_path(path, abstract_state):
   manager = ocp.CheckpointManager(parent)
   try:
     return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+  except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+    raise UserError(f'--checkpoint {path}: cannot restore it ({first_line(e)}); pass '
+                    'another step of the same run.') from None
   finally:
     manager.close()
 

@@ -1,7 +1,8 @@
 """Command line: `python -m adaptformer_jax.main --config configs/X.py:METHOD --workdir DIR`.
 
 Parses flags and dispatches to train / eval / export; user mistakes end in one
-line on stderr and exit status 2 (`--verbose` shows the traceback).
+line on stderr and exit status 2 (`--verbose` shows the traceback). SIGTERM or
+SIGINT during training checkpoints the current step and exits with 128 + signal.
 """
 import logging as std_logging
 import os
@@ -29,10 +30,21 @@ flags.DEFINE_string('out', None, 'export: output directory.')
 flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
 flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', -1, 'Multi-host: index of this process.')
-flags.DEFINE_bool('verbose', False, 'Show full tracebacks for user errors.')
+flags.DEFINE_bool('verbose', False, 'Show full tracebacks for user errors, and library '
+                  'warnings.')
 
 
 def _run(config):
+  """The job, with a signal-stopped training run exiting as the signal would (128 + N)."""
+  from adaptformer_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    return _dispatch(config)
+  except train.Interrupted as e:
+    print(f'interrupted: {e}', file=sys.stderr)
+    sys.exit(128 + e.signum)
+
+
+def _dispatch(config):
   from adaptformer_jax import sharding  # pylint: disable=g-import-not-at-top
   from adaptformer_jax import train  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -80,8 +92,14 @@ def parse_flags(argv):
   except (AttributeError, KeyError) as e:  # an override of a field the config lacks
     if '--verbose' in argv:
       raise
-    _fail(f'unknown config field {str(e).strip(chr(34))} in a --config.* override; '
-          'see the config file for the fields it has.')
+    # ml_collections nests its "'name'\nDid you mean ...?" text in the exception's args.
+    text = e
+    while isinstance(text, BaseException) and text.args:
+      text = text.args[0]
+    field, _, hint = str(text).partition('\n')
+    hint = f' ({hint.strip()})' if hint.strip() else ''
+    _fail(f'unknown config field {field} in a --config.* override{hint}; see the config '
+          'file for the fields it has.')
 
 
 def _loaded_config():
@@ -102,9 +120,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.INFO)
-  # Libraries (tfds, orbax, jax) narrate at INFO; keep the console to our own messages.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= std_logging.WARNING or 'adaptformer_jax' in r.pathname)
+  # Libraries (tfds, orbax, jax, torch) narrate at INFO and warn about their internals;
+  # keep the console to our own messages and library errors unless --verbose.
+  std_logging.captureWarnings(True)
+  if not FLAGS.verbose:
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= std_logging.ERROR or 'adaptformer_jax' in r.pathname)
   try:
     _run(_loaded_config())
   except UserError as e:

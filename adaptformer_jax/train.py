@@ -3,12 +3,15 @@
 One jitted step over a data-parallel mesh maps (state, batch) -> (state, metrics);
 frozen parameters are constants to autodiff and carry no optimizer state.
 """
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any
 
@@ -47,6 +50,20 @@ class TrainingDiverged(UserError):
   """A non-finite loss or gradient with config.nonfinite == 'stop'."""
 
 
+class Interrupted(Exception):
+  """SIGTERM or SIGINT stopped training after the current step was checkpointed.
+
+  Not a UserError: the CLI exits with 128 + the signal number, as if killed, so
+  schedulers see a preemption rather than a failure.
+  """
+
+  def __init__(self, signum, step, workdir):
+    self.signum = signum
+    super().__init__(f'{signal.Signals(signum).name} received: saved step {step} in '
+                     f'{os.path.join(workdir, "checkpoints")}; run the same command to '
+                     'resume.')
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Step counts derived from the config and the dataset size."""
@@ -68,6 +85,8 @@ def make_plan(config, num_train):
                     f'config.accum_steps={config.accum_steps}.')
   micro = config.batch_size // config.accum_steps
   sharding.check_batch_divisible(micro, 'config.batch_size / config.accum_steps')
+  # Checked here, not at the first eval: a bad eval batch must not waste a training run.
+  sharding.check_batch_divisible(config.eval_batch_size, 'config.eval_batch_size')
   per_epoch = max(1, num_train // config.batch_size)
   total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
   warmup = config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * per_epoch
@@ -192,7 +211,11 @@ class Run:
 
 
 def prepare_workdir(config, workdir):
-  """Creates workdir, records the config, and refuses to resume with a different model/data."""
+  """Creates workdir, records the config, and refuses to resume with a different model/data.
+
+  Only a checkpoint makes a workdir hold a run: until the first one, a restart may
+  change anything (e.g. fix the init_from that failed to load) and rewrites config.json.
+  """
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, '.write_test')
@@ -202,10 +225,12 @@ def prepare_workdir(config, workdir):
   except OSError as e:
     raise UserError(f'--workdir {workdir} is not writable ({e.strerror}); choose '
                     'another directory.') from None
-  path = os.path.join(workdir, CONFIG_FILE)
-  if jax.process_index() == 0 and not os.path.exists(path):
-    with open(path, 'w') as f:
-      f.write(config.to_json(indent=2))
+  if checkpoint.latest_step(workdir) is None:
+    if jax.process_index() == 0:
+      path = os.path.join(workdir, CONFIG_FILE)
+      with open(path + '.tmp', 'w') as f:  # a kill mid-write leaves the old file whole
+        f.write(config.to_json(indent=2))
+      os.replace(path + '.tmp', path)
     return
   saved = load_workdir_config(workdir)
   conflicts, changes = [], []
@@ -252,12 +277,45 @@ def _dataset_info(config):
   return info
 
 
+@contextlib.contextmanager
+def _stop_requests():
+  """Yields a list that SIGTERM/SIGINT append to instead of ending the process.
+
+  The training loop checkpoints and stops once it is non-empty (a preemption
+  notice, Ctrl-C); a second signal acts as it did before. Only the main thread
+  can install handlers; elsewhere signals keep their usual effect.
+  """
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = {}
+
+  def handler(signum, frame):
+    del frame
+    received.append(signum)
+    signal.signal(signum, previous[signum])
+
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    old = signal.signal(signum, handler)
+    previous[signum] = signal.SIG_DFL if old is None else old  # None: set outside Python
+  try:
+    yield received
+  finally:
+    for signum, old in previous.items():
+      signal.signal(signum, old)
+
+
 def train_and_evaluate(config, workdir):
-  """Trains (resuming from the latest checkpoint in workdir), evaluates, returns eval metrics."""
-  prepare_workdir(config, workdir)
+  """Trains (resuming from the latest checkpoint in workdir), evaluates, returns eval metrics.
+
+  Everything that can be checked without touching the workdir (dataset, model,
+  batch split) is, first. SIGTERM/SIGINT save the current step and raise Interrupted.
+  """
   info = _dataset_info(config)
   run = Run(config, info.num_train)
   plan = run.plan
+  prepare_workdir(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(run.abstract_state())
@@ -286,10 +344,11 @@ def train_and_evaluate(config, workdir):
     bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched) if not m['finite']]
     if bad and config.nonfinite == 'stop':
       last = ckpt.latest_step()
+      kept = 'no checkpoint was saved' if last is None else \
+          f'the last good checkpoint (step {last}) is kept'
       raise TrainingDiverged(
-          f'loss or gradient became non-finite at step {bad[0]}; stopped. The last good '
-          f'checkpoint (step {last}) is kept. Lower config.optimizer.base_lr or set '
-          "config.nonfinite='skip'.")
+          f'loss or gradient became non-finite at step {bad[0]}; stopped and {kept}. '
+          "Lower config.optimizer.base_lr or set config.nonfinite='skip'.")
     skipped += len(bad)
     good = [m for m in fetched if m['finite']] or fetched
     loss = sum(float(m['loss']) for m in good) / len(good)
@@ -300,22 +359,26 @@ def train_and_evaluate(config, workdir):
                         'skipped_nonfinite': skipped})
 
   try:
-    for step in range(start, total):
-      state, step_metrics = step_fn(state, next(train_iter))
-      pending.append(step_metrics)
-      done = step + 1
-      last = done == total
-      if last or done % config.log_every_steps == 0:
-        flush(done)
-      evaluate_now = last or (config.eval_every_steps and done % config.eval_every_steps == 0)
-      if evaluate_now:
-        flush(done)
-        eval_metrics = evaluate.evaluate(run.model, run.variables(state),
-                                         _eval_dataset(config, run))
-        writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
-      if last or done % config.checkpoint_every_steps == 0:
-        flush(done)
-        ckpt.save(done, state)
+    with _stop_requests() as stop:
+      for step in range(start, total):
+        state, step_metrics = step_fn(state, next(train_iter))
+        pending.append(step_metrics)
+        done = step + 1
+        last = done == total
+        if last or done % config.log_every_steps == 0:
+          flush(done)
+        evaluate_now = last or (config.eval_every_steps and
+                                done % config.eval_every_steps == 0)
+        if evaluate_now:
+          flush(done)
+          eval_metrics = evaluate.evaluate(run.model, run.variables(state),
+                                           _eval_dataset(config, run))
+          writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        if last or done % config.checkpoint_every_steps == 0 or stop:
+          flush(done)  # the NaN guard runs before a step is saved
+          ckpt.save(done, state)
+        if stop:  # the save completes in ckpt.close() below
+          raise Interrupted(stop[0], done, workdir)
     if eval_metrics is None:  # resumed after the last step: evaluate what is there
       eval_metrics = evaluate.evaluate(run.model, run.variables(state),
                                        _eval_dataset(config, run))
@@ -336,11 +399,10 @@ def _restore(config, workdir, checkpoint_path=None):
   run = Run(config, info.num_train)
   if checkpoint_path:
     return info, run, checkpoint.restore_path(checkpoint_path, run.abstract_state())
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints) \
-      if os.path.isdir(os.path.join(workdir, 'checkpoints')) else None
-  if ckpt is None or ckpt.latest_step() is None:
+  if checkpoint.latest_step(workdir) is None:
     raise UserError(f'--workdir {workdir} has no checkpoint; train first, or pass '
                     '--checkpoint PATH.')
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     return info, run, ckpt.restore(run.abstract_state())
   finally:

@@ -1,0 +1,183 @@
+"""The bad-input catalogue through the real CLI: one `error:` line, exit status 2, no traceback.
+
+Each case is a subprocess (imports cost seconds), so they run a few at a time; every
+case fails before anything is compiled. The helpers here also drive the CLI in
+test_reliability.py.
+"""
+import concurrent.futures
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from adaptformer_jax import checkpoint
+from adaptformer_jax import data
+from adaptformer_jax import train
+from adaptformer_jax.errors import UserError
+from conftest import tiny_run_config
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS_DIR)
+NUM_TRAIN = 1437  # sklearn_digits/all train split
+
+
+def write_config(path, data_dir, **overrides):
+  """A `--config` file holding conftest's tiny run (tuning from `:METHOD`, default adaptformer)."""
+  with open(path, 'w') as f:
+    f.write(f'import sys\nsys.path.insert(0, {TESTS_DIR!r})\n'
+            'from conftest import tiny_run_config\n\n\n'
+            'def get_config(arg=None):\n'
+            f"  return tiny_run_config(arg or 'adaptformer', {data_dir!r}, **{overrides!r})\n")
+  return str(path)
+
+
+def cli(*args):
+  """argv running the CLI in this interpreter."""
+  return [sys.executable, '-m', 'adaptformer_jax.main', *args]
+
+
+@pytest.fixture(scope='session')
+def cli_env(tmp_path_factory):
+  """The CLI subprocesses' environment: they share jax's compilation cache, which
+  halves the CPU time of each run that trains."""
+  return {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3',
+          'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def tree_digest(path):
+  """One hash of every file's relative path and bytes under `path`."""
+  digest = hashlib.sha256()
+  for root, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      digest.update(os.path.relpath(full, path).encode())
+      with open(full, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+# name: (workdir, CLI arguments, what the error line must say). Workdirs: 'new' (absent),
+# 'trained' (a run with a checkpoint), 'empty' (an existing empty dir), 'under_file'.
+CASES = {
+    'unknown_dataset': ('new', ['--config.data.name=cifar1000'], "unknown dataset 'cifar1000'"),
+    'dataset_not_prepared': ('new', ['--config.data.name=cifar10',
+                                     '--config.data.data_dir={empty}'], 'is not prepared'),
+    'bad_split': ('new', ['--config.data.train_split=trian'], "invalid split 'trian'"),
+    'image_size_vs_patch': ('new', ['--config.model.image_size=18'],
+                            'not a positive multiple of the patch size 4'),
+    'unknown_preset': ('new', ['--config.model.name=vit_x16'], "unknown preset 'vit_x16'"),
+    'unknown_tuning_arg': ('new', ['--config={config}:adaptfromer'],
+                           "unknown method 'adaptfromer' (did you mean 'adaptformer'?)"),
+    'unknown_config_field': ('new', ['--config.model.widht=3'],
+                             "unknown config field 'widht'"),
+    'init_from_another_model': ('new', ['--config.init_from={other_model}'],
+                                'does not fit the model'),
+    'init_from_not_a_checkpoint': ('new', ['--config.init_from={notes}'],
+                                   'not a checkpoint this loader knows'),
+    'init_from_truncated': ('new', ['--config.init_from={truncated}'],
+                            'could not read it as a .safetensors file'),
+    'class_count': ('new', ['--config.model.num_classes=5'], 'has 10 classes'),
+    'config_conflict_on_resume': ('trained', ['--config.model.adapter.bottleneck=4'],
+                                  'model.adapter.bottleneck: 8 -> 4'),
+    'batch_vs_devices': ('new', ['--config.batch_size=33'], 'not divisible by the 2 devices'),
+    'eval_without_checkpoint': ('empty', ['--mode=eval'], 'has no checkpoint'),
+    'adapters_from_another_model': ('new', ['--mode=eval', '--adapters={adapters}'],
+                                    'trained for another model (width: adapters 64'),
+    'workdir_not_writable': ('under_file', [], 'is not writable'),
+}
+TWO_DEVICES = {'batch_vs_devices'}
+
+
+@pytest.fixture(scope='module')
+def inputs(tmp_path_factory, data_dir):
+  """The files the cases point at: a trained workdir, another model's checkpoint, junk."""
+  root = tmp_path_factory.mktemp('cli')
+  config = tiny_run_config(data_dir=data_dir)
+  data.info(config.data)  # prepares the embedded dataset once, before the subprocesses
+  paths = {k: str(root / k) for k in ('trained', 'other', 'empty', 'adapters', 'notes')}
+  paths['config'] = write_config(root / 'tiny.py', data_dir)
+  paths['truncated'] = str(root / 'truncated.safetensors')
+  paths['file'] = str(root / 'a_file')
+  run = train.Run(config, NUM_TRAIN)
+  train.prepare_workdir(config, paths['trained'])
+  ckpt = checkpoint.Checkpointer(paths['trained'])
+  ckpt.save(0, run.initial_state())
+  ckpt.close()
+  other = tiny_run_config(data_dir=data_dir)
+  other.model.width = 64
+  ckpt = checkpoint.Checkpointer(paths['other'])
+  ckpt.save(0, train.Run(other, NUM_TRAIN).initial_state())
+  ckpt.close()
+  paths['other_model'] = os.path.join(paths['other'], 'checkpoints', '0')
+  os.makedirs(paths['empty'])
+  os.makedirs(paths['adapters'])
+  with open(os.path.join(paths['adapters'], checkpoint.ADAPTER_CONFIG), 'w') as f:
+    json.dump({'format': 'adaptformer_jax.adapters/1', 'model': other.model.to_dict()}, f)
+  with open(paths['notes'], 'w') as f:
+    f.write('not weights\n')
+  with open(paths['truncated'], 'wb') as f:
+    f.write(b'\x40\x00\x00\x00\x00\x00\x00\x00{"params/cls": {"dtype": "F32"')
+  with open(paths['file'], 'w') as f:
+    f.write('x')
+  return root, paths
+
+
+@pytest.fixture(scope='module')
+def outcomes(inputs, cli_env):
+  """Every case's (exit status, stdout, stderr, workdir digest before, after), run 3 at a time."""
+  root, paths = inputs
+
+  def run_case(name):
+    kind, args, _ = CASES[name]
+    workdir = {'new': str(root / f'new_{name}'), 'under_file': os.path.join(paths['file'], 'sub'),
+               'trained': paths['trained'], 'empty': paths['empty']}[kind]
+    args = [a.format(**paths) for a in args]
+    if not any(a.startswith('--config=') for a in args):
+      args.insert(0, f'--config={paths["config"]}')
+    before = tree_digest(workdir) if kind in ('trained', 'empty') else None
+    env = {**cli_env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'} \
+        if name in TWO_DEVICES else cli_env
+    proc = subprocess.run(cli(*args, f'--workdir={workdir}'), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    after = tree_digest(workdir) if before else None
+    return proc.returncode, proc.stdout, proc.stderr, before, after
+
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    return dict(zip(CASES, pool.map(run_case, CASES)))
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_bad_input_is_one_error_line(name, outcomes, inputs):
+  returncode, stdout, stderr, before, after = outcomes[name]
+  lines = stderr.strip().splitlines()
+  assert returncode == 2, stderr
+  assert len(lines) == 1 and lines[0].startswith('error: '), stderr
+  assert CASES[name][2] in lines[0]
+  assert 'Traceback' not in stdout + stderr
+  assert before == after, 'the workdir changed'
+  if CASES[name][0] == 'new' and 'init_from' not in name:  # refused before touching it
+    assert not os.path.exists(inputs[0] / f'new_{name}')
+
+
+def test_unprepared_dataset_fails_fast_offline(tmp_path):
+  config = tiny_run_config(data_dir=str(tmp_path))
+  config.data.name = 'cifar10'
+  start = time.perf_counter()
+  with pytest.raises(UserError, match='is not prepared'):
+    data.info(config.data)
+  assert time.perf_counter() - start < 2
+
+
+def test_a_failed_start_does_not_lock_the_workdir(tmp_path, data_dir):
+  """Until its first checkpoint a workdir holds no run, so a corrected restart is accepted."""
+  workdir = str(tmp_path)
+  train.prepare_workdir(tiny_run_config(data_dir=data_dir, init_from='wrong.pth'), workdir)
+  train.prepare_workdir(tiny_run_config(data_dir=data_dir), workdir)
+  assert train.load_workdir_config(workdir).init_from == ''
