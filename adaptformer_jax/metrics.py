@@ -8,6 +8,12 @@ import jax
 import tqdm
 
 
+def read(workdir):
+  """The rows of `<workdir>/metrics.jsonl`, as dicts (step, train/loss, eval/top1, ...)."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard event files (process 0 only)."""
 

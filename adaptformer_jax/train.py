@@ -203,6 +203,11 @@ class Run:
     return jax.jit(step, donate_argnums=0,
                    out_shardings=(state_shardings, sharding.replicated(self.mesh)))
 
+  def param_counts(self):
+    """(trainable, total) parameter counts of this config's model."""
+    params = self.abstract_variables['params']
+    return peft.count(params, self.mask), peft.count(params)
+
   def variables(self, state):
     variables = {'params': state.params}
     if state.batch_stats:
@@ -409,17 +414,25 @@ def _restore(config, workdir, checkpoint_path=None):
     ckpt.close()
 
 
-def evaluate_workdir(config, workdir, checkpoint_path=None, adapters=None):
-  """Eval job: a trained checkpoint, or the frozen backbone with exported adapters swapped in."""
-  if adapters:
-    info = _dataset_info(config)
-    run = Run(config, info.num_train)
-    variables = init_variables(config, run.model, jax.random.key(config.seed))
-    variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
-    variables = run.place(variables)
-  else:
+def load_variables(config, workdir=None, checkpoint_path=None, adapters=None):
+  """(run, variables) of a trained model, ready for `run.model.apply`.
+
+  From the latest checkpoint of `workdir` (or `checkpoint_path`), or -- with
+  `adapters` -- the frozen backbone of `config.init_from` with the exported
+  adapters swapped in.
+  """
+  if not adapters:
     _, run, state = _restore(config, workdir, checkpoint_path)
-    variables = run.variables(state)
+    return run, run.variables(state)
+  run = Run(config, _dataset_info(config).num_train)
+  variables = init_variables(config, run.model, jax.random.key(config.seed))
+  variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
+  return run, run.place(variables)
+
+
+def evaluate_workdir(config, workdir, checkpoint_path=None, adapters=None):
+  """Eval job: top-1/top-5 of `load_variables(...)`, also written to <workdir>/eval.json."""
+  run, variables = load_variables(config, workdir, checkpoint_path, adapters)
   result = evaluate.evaluate(run.model, variables, _eval_dataset(config, run))
   if jax.process_index() == 0 and os.path.isdir(workdir):
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 
-from adaptformer_jax import peft
 from adaptformer_jax import train
 
 
@@ -44,11 +43,9 @@ def run(config, workdir):
     cfg = method_config(config, method)
     cfg.init_from = backbone
     result = train.train_and_evaluate(cfg, os.path.join(workdir, method))
-    run_ = train.Run(cfg, 1)
-    summary['methods'][method] = {
-        'top1': result['top1'],
-        'trainable_params': peft.count(run_.abstract_variables['params'], run_.mask),
-        'total_params': peft.count(run_.abstract_variables['params'])}
+    trainable, total = train.Run(cfg, 1).param_counts()
+    summary['methods'][method] = {'top1': result['top1'], 'trainable_params': trainable,
+                                  'total_params': total}
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   lines = [f"Backbone pre-trained on {config.pretrain.data_name}: top-1 {pre['top1']:.3f}",

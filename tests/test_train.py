@@ -1,5 +1,4 @@
 """End to end on the embedded dataset: train, evaluate, resume, restore, export, swap in."""
-import json
 import os
 import shutil
 
@@ -10,7 +9,7 @@ import pytest
 import safetensors.numpy
 
 from adaptformer_jax import checkpoint
-from adaptformer_jax import peft
+from adaptformer_jax import metrics
 from adaptformer_jax import train
 from conftest import tiny_run_config
 
@@ -21,11 +20,6 @@ def trained(tmp_path_factory, data_dir):
   config = tiny_run_config(data_dir=data_dir)
   result = train.train_and_evaluate(config, workdir)
   return config, workdir, result
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
 
 
 def restore(config, workdir, step=None):
@@ -39,7 +33,7 @@ def restore(config, workdir, step=None):
 
 def test_loss_falls_and_accuracy_beats_chance(trained):
   _, workdir, result = trained
-  losses = [m['train/loss'] for m in read_metrics(workdir) if 'train/loss' in m]
+  losses = [m['train/loss'] for m in metrics.read(workdir) if 'train/loss' in m]
   assert len(losses) == 4
   assert losses[-1] < losses[0]
   assert result['top1'] > 0.2  # 10 classes: chance is 0.1
@@ -87,8 +81,7 @@ def test_export_holds_exactly_the_trainable_leaves_and_swaps_in(trained, tmp_pat
   trainable = {'params/' + '/'.join(k) for k, m in
                flax.traverse_util.flatten_dict(run.mask).items() if m}
   assert set(tensors) == trainable
-  assert sum(v.size for v in tensors.values()) == peft.count(
-      run.abstract_variables['params'], run.mask)
+  assert sum(v.size for v in tensors.values()) == run.param_counts()[0]
   # The same random-init backbone (same seed) with the adapters swapped in.
   assert train.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result
 
