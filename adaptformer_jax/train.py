@@ -88,9 +88,11 @@ def make_plan(config, num_train):
   # Checked here, not at the first eval: a bad eval batch must not waste a training run.
   sharding.check_batch_divisible(config.eval_batch_size, 'config.eval_batch_size')
   per_epoch = max(1, num_train // config.batch_size)
-  total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
+  total = max(1, config.num_train_steps if config.num_train_steps > 0
+              else config.num_epochs * per_epoch)
+  # Warmup is capped so that the cosine part keeps at least one step (optax requires it).
   warmup = config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * per_epoch
-  return Plan(micro, config.accum_steps, per_epoch, total, min(warmup, total),
+  return Plan(micro, config.accum_steps, per_epoch, total, min(warmup, total - 1),
               config.optimizer.base_lr * config.batch_size / 256)
 
 

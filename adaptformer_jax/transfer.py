@@ -12,20 +12,25 @@ import os
 from adaptformer_jax import train
 
 
-def method_config(config, method):
-  """The adaptation run for `method`: its own tuning and learning rate, the pre-trained init."""
+def _single_run(config, tuning, base_lr):
+  """`config` without the experiment's own fields, for one run of `tuning`."""
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     del cfg.experiment, cfg.pretrain, cfg.methods
-  cfg.model.tuning = method
-  cfg.optimizer.base_lr = config.methods[method]
+  cfg.model.tuning = tuning
+  cfg.optimizer.base_lr = base_lr
   return cfg
 
 
+def method_config(config, method):
+  """The adaptation run for `method`: its own tuning and learning rate."""
+  return _single_run(config, method, config.methods[method])
+
+
 def pretrain_config(config):
-  cfg = method_config(config, 'full')
+  """The backbone run: every parameter trains on the pre-training classes."""
+  cfg = _single_run(config, 'full', config.pretrain.base_lr)
   cfg.data.name = config.pretrain.data_name
-  cfg.optimizer.base_lr = config.pretrain.base_lr
   cfg.num_train_steps = config.pretrain.num_train_steps
   cfg.warmup_steps = config.pretrain.warmup_steps
   return cfg
@@ -33,10 +38,10 @@ def pretrain_config(config):
 
 def run(config, workdir):
   """Pre-trains, adapts with every method, prints the table, writes summary.json."""
-  pre_dir = os.path.join(workdir, 'pretrain')
-  pre = train.train_and_evaluate(pretrain_config(config), pre_dir)
+  pre_cfg, pre_dir = pretrain_config(config), os.path.join(workdir, 'pretrain')
+  pre = train.train_and_evaluate(pre_cfg, pre_dir)
   backbone = os.path.join(os.path.abspath(pre_dir), 'checkpoints',
-                          str(pretrain_config(config).num_train_steps))
+                          str(pre_cfg.num_train_steps))
   summary = {'pretrain': {'top1': pre['top1'], 'data': config.pretrain.data_name},
              'methods': {}}
   for method in config.methods:
@@ -51,7 +56,8 @@ def run(config, workdir):
   lines = [f"Backbone pre-trained on {config.pretrain.data_name}: top-1 {pre['top1']:.3f}",
            f"Adapted to {config.data.name}:",
            f"{'method':<14}{'trainable':>12}{'share':>9}{'top-1':>8}"]
-  for method, r in summary['methods'].items():
+  by_size = sorted(summary['methods'].items(), key=lambda item: item[1]['trainable_params'])
+  for method, r in by_size:
     lines.append(f"{method:<14}{r['trainable_params']:>12,}"
                  f"{r['trainable_params'] / r['total_params']:>9.1%}{r['top1']:>8.3f}")
   print('\n'.join(lines))
