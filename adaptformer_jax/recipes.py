@@ -34,6 +34,7 @@ def base(model_cfg, data_name, **data):
   config.seed = 0
   config.batch_size = 1024        # effective batch per optimizer update
   config.accum_steps = 1          # micro-batches per update (optax.MultiSteps)
+  config.model_parallel = 1       # devices sharing each replica's big kernels (sharding.PARTITION_RULES)
   config.eval_batch_size = 256
   config.num_epochs = 100
   config.num_train_steps = -1     # optimizer updates; > 0 overrides num_epochs

@@ -35,7 +35,7 @@ CONFIG_FILE = 'config.json'
 # Fields that may change when a run resumes; anything else is a conflict.
 RESUMABLE_FIELDS = ('num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
                     'checkpoint_every_steps', 'keep_checkpoints', 'progress',
-                    'eval_batch_size', 'nonfinite')
+                    'eval_batch_size', 'nonfinite', 'model_parallel')
 
 
 @flax.struct.dataclass
@@ -164,7 +164,7 @@ class Run:
 
   def __init__(self, config, num_train):
     self.config = config
-    self.mesh = sharding.make_mesh()
+    self.mesh = sharding.make_mesh(config.get('model_parallel', 1))
     self.plan = make_plan(config, num_train)
     self.model = models.build(config.model)
     size = config.model.image_size

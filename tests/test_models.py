@@ -95,16 +95,22 @@ def test_batchnorm_head_updates_running_stats_in_training():
   assert not np.allclose(before, after)
 
 
-def test_remat_gives_the_same_logits_and_gradients():
+@pytest.mark.parametrize('remat', [True, 'block', 'dots'])
+def test_remat_gives_the_same_logits_and_gradients(remat):
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  plain, remat = models.build(tiny_cfg()), models.build(tiny_cfg(remat=True))
+  plain, rematted = models.build(tiny_cfg()), models.build(tiny_cfg(remat=remat))
   variables = plain.init(jax.random.key(0), images)
   loss = lambda m: lambda p: m.apply({'params': p}, images).sum()
   np.testing.assert_allclose(plain.apply(variables, images),
-                             remat.apply(variables, images), atol=1e-6)
+                             rematted.apply(variables, images), atol=1e-6)
   g1 = jax.grad(loss(plain))(variables['params'])
-  g2 = jax.grad(loss(remat))(variables['params'])
+  g2 = jax.grad(loss(rematted))(variables['params'])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
+
+
+def test_bad_remat_names_the_choices():
+  with pytest.raises(ValueError, match=r"model\.remat: 'dot' is not one of .*'dots'"):
+    tiny_cfg(remat='dot')
 
 
 def test_bfloat16_compute_keeps_float32_params():

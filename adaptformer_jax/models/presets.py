@@ -40,6 +40,14 @@ CHOICES = {
     'dtype': ('float32', 'bfloat16'),
 }
 
+# model.remat: which activations each block keeps for the backward pass; the rest
+# is recomputed there. 'none' keeps whatever autodiff needs; 'block' only the block's
+# input (the block runs twice); 'dots' the matmul outputs, recomputing the LayerNorms,
+# softmax and GELU -- what adapter tuning wants: frozen matmuls need no saved inputs,
+# so it drops the large elementwise intermediates for little compute (RESULTS.md).
+# False and True are the older spellings of 'none' and 'block'.
+REMAT = {False: 'none', True: 'block', 'none': 'none', 'block': 'block', 'dots': 'dots'}
+
 
 def tuning_methods(model_cfg):
   """The tuning string split into its methods, validated."""
@@ -77,7 +85,9 @@ def preset(name, **overrides):
       # Regexes over parameter paths that train; empty = the tuning method's.
       trainable=(),
       dtype='float32',  # compute dtype; parameters stay float32
-      remat=False,      # rematerialise each block in the backward pass
+      # 'none' | 'block' | 'dots' or False | True, see REMAT; untyped, so both
+      # `--config.model.remat=dots` and `=True` parse.
+      remat=ml_collections.FieldReference(False, field_type=object),
   ))
   for key, value in overrides.items():
     if key not in cfg:
@@ -116,6 +126,9 @@ def validate(cfg):
     if value not in allowed:
       raise ConfigError(f'model.{field}: {value!r} is not one of '
                         f"{', '.join(map(repr, allowed))}.")
+  if not (isinstance(cfg.remat, (bool, str)) and cfg.remat in REMAT):
+    raise ConfigError(f'model.remat: {cfg.remat!r} is not one of '
+                      f"{', '.join(map(repr, REMAT))}.")
   if cfg.image_size <= 0 or cfg.image_size % cfg.patch_size:
     raise ConfigError(
         f'model.image_size: {cfg.image_size} is not a positive multiple of the '

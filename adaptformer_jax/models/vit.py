@@ -17,6 +17,11 @@ LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
 # torch.nn.GELU() is the exact erf form.
 gelu = functools.partial(nn.gelu, approximate=False)
 dense_init = nn.initializers.xavier_uniform()
+# presets.REMAT's policies: what nn.remat may save (None: nothing but the block's input).
+REMAT_POLICIES = {
+    'block': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class Attention(nn.Module):
@@ -121,7 +126,9 @@ class VisionTransformer(nn.Module):
       add_prompts = lambda x, i: jnp.concatenate(
           [jnp.broadcast_to(prompts[i], (b, n_prompt, cfg.width)).astype(x.dtype), x], 1)
 
-    block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+    remat = presets.REMAT[cfg.remat]
+    block = Block if remat == 'none' else nn.remat(
+        Block, static_argnums=(2,), policy=REMAT_POLICIES[remat])
     for i in range(cfg.depth):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'vpt_deep' or (vpt == 'vpt_shallow' and i == 0):
