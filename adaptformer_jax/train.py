@@ -278,10 +278,11 @@ def _eval_dataset(config, run):
                             sharding=sharding.batch_sharding(run.mesh))
 
 
-def _dataset_info(config):
+def _setup(config):
+  """The dataset info (its class count checked against the head) and the Run built on it."""
   info = data.info(config.data)
   data.check_num_classes(info, config.model.num_classes)
-  return info
+  return info, Run(config, info.num_train)
 
 
 @contextlib.contextmanager
@@ -319,8 +320,7 @@ def train_and_evaluate(config, workdir):
   Everything that can be checked without touching the workdir (dataset, model,
   batch split) is, first. SIGTERM/SIGINT save the current step and raise Interrupted.
   """
-  info = _dataset_info(config)
-  run = Run(config, info.num_train)
+  info, run = _setup(config)
   plan = run.plan
   prepare_workdir(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
@@ -402,8 +402,7 @@ def train_and_evaluate(config, workdir):
 
 def _restore(config, workdir, checkpoint_path=None):
   """The model, run and trained state of a workdir (latest, or `checkpoint_path`)."""
-  info = _dataset_info(config)
-  run = Run(config, info.num_train)
+  info, run = _setup(config)
   if checkpoint_path:
     return info, run, checkpoint.restore_path(checkpoint_path, run.abstract_state())
   if checkpoint.latest_step(workdir) is None:
@@ -426,7 +425,7 @@ def load_variables(config, workdir=None, checkpoint_path=None, adapters=None):
   if not adapters:
     _, run, state = _restore(config, workdir, checkpoint_path)
     return run, run.variables(state)
-  run = Run(config, _dataset_info(config).num_train)
+  _, run = _setup(config)
   variables = init_variables(config, run.model, jax.random.key(config.seed))
   variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
   return run, run.place(variables)
