@@ -101,10 +101,14 @@ def make_optimizer(config, plan, mask):
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, plan.learning_rate, plan.warmup_updates, max(plan.total_updates, 1), 0.0)
   opt = config.optimizer
-  if opt.name != 'sgd':
-    raise UserError(f"config.optimizer.name: {opt.name!r} is not supported; use 'sgd'.")
-  tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                   optax.sgd(schedule, momentum=opt.momentum or None))
+  if opt.name == 'sgd':  # the AdaptFormer recipe
+    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                     optax.sgd(schedule, momentum=opt.momentum or None))
+  elif opt.name == 'adamw':  # pre-training from scratch (configs/backbone.py)
+    tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
+  else:
+    raise UserError(f"config.optimizer.name: {opt.name!r} is not supported; use 'sgd' "
+                    "or 'adamw'.")
   if plan.accum_steps > 1:
     tx = optax.MultiSteps(tx, plan.accum_steps,
                           should_skip_update_fn=optax.skip_not_finite).gradient_transformation()

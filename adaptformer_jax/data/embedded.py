@@ -12,11 +12,13 @@ NAME = 'sklearn_digits'
 
 
 class SklearnDigitsConfig(tfds.core.BuilderConfig):
-  """A subset of the digits; labels are the digits minus the first one."""
+  """A subset of the digits (labels are the digits minus the first one) and the
+  share of them held out as the test split."""
 
-  def __init__(self, *, digits, **kwargs):
+  def __init__(self, *, digits, test_size=0.2, **kwargs):
     super().__init__(**kwargs)
     self.digits = tuple(digits)
+    self.test_size = test_size
 
 
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
@@ -31,6 +33,9 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
                           description='Digits 0-4, labels 0-4.'),
       SklearnDigitsConfig(name='classes_5to9', digits=range(5, 10),
                           description='Digits 5-9, labels 0-4.'),
+      SklearnDigitsConfig(name='half', digits=range(10), test_size=0.5,
+                          description='All ten digits, half of them held out '
+                          '(899 test images: one image is 0.11 point).'),
   ]
 
   def _info(self):
@@ -55,11 +60,12 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     from sklearn import model_selection  # pylint: disable=g-import-not-at-top
     digits = sk_datasets.load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    # One stratified 80/20 split of all digits, so every config's train and
+    # One stratified split of all digits, so that the 80/20 configs' train and
     # test sets are subsets of the `all` config's.
     index = np.arange(len(images))
     train, test = model_selection.train_test_split(
-        index, test_size=0.2, stratify=digits.target, random_state=0)
+        index, test_size=self.builder_config.test_size, stratify=digits.target,
+        random_state=0)
     first = self.builder_config.digits[0]
     for i in sorted(train if split == 'train' else test):
       if digits.target[i] in self.builder_config.digits:

@@ -5,7 +5,7 @@ with a seed derived from (seed, e), and each example's augmentation is seeded by
 its position in that stream. Resuming at step s therefore skips s * batch
 undecoded records and reproduces the uninterrupted run exactly. Nothing here
 ever downloads: an unprepared dataset is a UserError that says how to prepare
-it, except the embedded `sklearn_digits`, which builds itself offline.
+it, except the embedded `sklearn_digits` and `glyphs`, which build themselves offline.
 """
 import collections
 import contextlib
@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from adaptformer_jax import sharding as sharding_lib
 from adaptformer_jax.data import embedded
+from adaptformer_jax.data import glyphs
 from adaptformer_jax.data import preprocess
 from adaptformer_jax.errors import UserError
 
@@ -206,7 +207,8 @@ def _builder(data_cfg):
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
     known = tfds.list_builders(with_community_datasets=False)  # no network
-    known += [f'{embedded.NAME}/{c.name}' for c in embedded.SklearnDigits.BUILDER_CONFIGS]
+    known += [f'{cls.name}/{c.name}' for cls in (embedded.SklearnDigits, glyphs.Glyphs)
+              for c in cls.BUILDER_CONFIGS]
     close = difflib.get_close_matches(dataset.name, known, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ''
     raise UserError(
@@ -216,7 +218,7 @@ def _builder(data_cfg):
   except (ValueError, AssertionError) as e:  # e.g. an unknown config or version
     raise UserError(f'data.name: cannot load {name!r} ({_reason(e)}){_configs(dataset.name)}.') from None
   if not builder.is_prepared():
-    if builder.name != embedded.NAME:
+    if builder.name not in (embedded.NAME, glyphs.NAME):
       root = data_dir or tfds.core.constants.DATA_DIR
       raise UserError(
           f'data.name: dataset {name!r} is not prepared in data_dir {root!r} '
