@@ -22,7 +22,6 @@ from conftest import tiny_run_config
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
-NUM_TRAIN = 1437  # sklearn_digits/all train split
 
 
 def write_config(path, data_dir, **overrides):
@@ -105,15 +104,15 @@ def inputs(tmp_path_factory, data_dir):
   paths['config'] = write_config(root / 'tiny.py', data_dir)
   paths['truncated'] = str(root / 'truncated.safetensors')
   paths['file'] = str(root / 'a_file')
-  run = train.Run(config, NUM_TRAIN)
+  trainer = train.Trainer(train.Run(config))
   train.prepare_workdir(config, paths['trained'])
   ckpt = checkpoint.Checkpointer(paths['trained'])
-  ckpt.save(0, run.initial_state())
+  ckpt.save(0, trainer.initial_state())
   ckpt.close()
   other = tiny_run_config(data_dir=data_dir)
   other.model.width = 64
   ckpt = checkpoint.Checkpointer(paths['other'])
-  ckpt.save(0, train.Run(other, NUM_TRAIN).initial_state())
+  ckpt.save(0, train.Trainer(train.Run(other)).initial_state())
   ckpt.close()
   paths['other_model'] = os.path.join(paths['other'], 'checkpoints', '0')
   os.makedirs(paths['empty'])

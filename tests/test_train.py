@@ -23,10 +23,10 @@ def trained(tmp_path_factory, data_dir):
 
 
 def restore(config, workdir, step=None):
-  run = train.Run(config, 1437)
+  trainer = train.Trainer(train.Run(config))
   ckpt = checkpoint.Checkpointer(workdir)
   try:
-    return ckpt.restore(run.abstract_state(), step)
+    return ckpt.restore(trainer.abstract_state(), step)
   finally:
     ckpt.close()
 
@@ -62,7 +62,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_exactly(trained, tmp_path):
 
 def test_frozen_backbone_is_untouched_by_training(trained):
   config, workdir, _ = trained
-  run = train.Run(config, 1437)
+  run = train.Run(config)
   first = restore(config, workdir, 20).params
   last = restore(config, workdir, 40).params
   flat_mask = flax.traverse_util.flatten_dict(run.mask)
@@ -77,7 +77,7 @@ def test_export_holds_exactly_the_trainable_leaves_and_swaps_in(trained, tmp_pat
   out = str(tmp_path / 'adapters')
   train.export(config, workdir, out)
   tensors = safetensors.numpy.load_file(os.path.join(out, checkpoint.ADAPTER_WEIGHTS))
-  run = train.Run(config, 1437)
+  run = train.Run(config)
   trainable = {'params/' + '/'.join(k) for k, m in
                flax.traverse_util.flatten_dict(run.mask).items() if m}
   assert set(tensors) == trainable
@@ -118,9 +118,9 @@ def test_gradient_accumulation_matches_the_large_batch(data_dir):
   for accum in (1, 2):
     config = tiny_run_config(data_dir=data_dir, accum_steps=accum)
     config.model.adapter.dropout = 0.0
-    run = train.Run(config, 1437)
-    state = run.initial_state()
-    step = run.jit_train_step()
+    trainer = train.Trainer(train.Run(config))
+    state = trainer.initial_state()
+    step = trainer.jit_train_step()
     images = jax.random.normal(jax.random.key(0), (32, 16, 16, 3))
     labels = np.arange(32) % 10
     micro = 32 // accum
