@@ -88,20 +88,24 @@ class Checkpointer:
       multihost_utils.sync_global_devices('checkpoint set aside')
     self._manager.reload()
 
-  def close(self):
+  def close(self) -> None:
+    """Waits for pending saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
 
 
 def latest_step(workdir):
   """The newest complete step in `<workdir>/checkpoints`, or None; creates nothing."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return None
-  ckpt = Checkpointer(workdir, read_only=True)
-  try:
+  with Checkpointer(workdir, read_only=True) as ckpt:
     return ckpt.latest_step()
-  finally:
-    ckpt.close()
 
 
 def first_line(error):

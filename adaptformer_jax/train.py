@@ -1,21 +1,16 @@
-"""train_and_evaluate(config, workdir): the fine-tuning loop, plus the eval and export jobs.
+"""train_and_evaluate(config, workdir): the fine-tuning loop and the pieces it is built from.
 
 One jitted step over a data-parallel mesh maps (state, batch) -> (state, metrics);
 frozen parameters are constants to autodiff and carry no optimizer state.
 """
-import contextlib
 import dataclasses
 import functools
-import json
-import logging
-import os
 import re
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -26,18 +21,14 @@ import optax
 from adaptformer_jax import checkpoint
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
+from adaptformer_jax import interrupts
 from adaptformer_jax import metrics
 from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax import pretrained
 from adaptformer_jax import sharding
+from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
-
-CONFIG_FILE = 'config.json'
-# Fields that may change when a run resumes; anything else is a conflict.
-RESUMABLE_FIELDS = ('num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-                    'checkpoint_every_steps', 'keep_checkpoints', 'progress',
-                    'eval_batch_size', 'nonfinite', 'model_parallel')
 
 
 @flax.struct.dataclass
@@ -50,20 +41,6 @@ class TrainState:
 
 class TrainingDiverged(UserError):
   """A non-finite loss or gradient with config.nonfinite == 'stop'."""
-
-
-class Interrupted(Exception):
-  """SIGTERM or SIGINT stopped training after the current step was checkpointed.
-
-  Not a UserError: the CLI exits with 128 + the signal number, as if killed, so
-  schedulers see a preemption rather than a failure.
-  """
-
-  def __init__(self, signum, step, workdir):
-    self.signum = signum
-    super().__init__(f'{signal.Signals(signum).name} received: saved step {step} in '
-                     f'{os.path.join(workdir, "checkpoints")}; run the same command to '
-                     'resume.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,61 +223,6 @@ class Trainer:
                    out_shardings=(state_shardings, sharding.replicated(self.run.mesh)))
 
 
-def prepare_workdir(config, workdir):
-  """Creates workdir, records the config, and refuses to resume with a different model/data.
-
-  Only a checkpoint makes a workdir hold a run: until the first one, a restart may
-  change anything (e.g. fix the init_from that failed to load) and rewrites config.json.
-  """
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'--workdir {workdir} is not writable ({e.strerror}); choose '
-                    'another directory.') from None
-  if checkpoint.latest_step(workdir) is None:
-    if jax.process_index() == 0:
-      path = os.path.join(workdir, CONFIG_FILE)
-      with open(path + '.tmp', 'w') as f:  # a kill mid-write leaves the old file whole
-        f.write(config.to_json(indent=2))
-      os.replace(path + '.tmp', path)
-    return
-  saved = load_workdir_config(workdir)
-  conflicts, changes = [], []
-  for key, value in _flat(config.to_dict()).items():
-    old = _flat(saved.to_dict()).get(key, '<absent>')
-    if old != value:
-      (changes if key.split('.')[0] in RESUMABLE_FIELDS else conflicts).append(
-          f'{key}: {old!r} -> {value!r}')
-  if conflicts:
-    raise UserError(f'--workdir {workdir} holds a run with a different config ('
-                    + '; '.join(conflicts) + '); use a new --workdir or the same config.')
-  for change in changes:
-    logging.warning('Resuming with a changed setting: %s', change)
-
-
-def load_workdir_config(workdir):
-  try:
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f'--workdir {workdir}: cannot read {CONFIG_FILE} ({e}); pass --config.'
-                    ) from None
-
-
-def _flat(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def eval_dataset(config: ml_collections.ConfigDict, run: Run) -> Iterator[dict[str, jax.Array]]:
   """The eval split in padded global batches on the run's mesh."""
   return data.eval_iterator(config.data, image_size=config.model.image_size,
@@ -315,36 +237,7 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
   return info, Trainer(Run(config), info.num_train)
 
 
-@contextlib.contextmanager
-def _stop_requests():
-  """Yields a list that SIGTERM/SIGINT append to instead of ending the process.
-
-  The training loop checkpoints and stops once it is non-empty (a preemption
-  notice, Ctrl-C); a second signal acts as it did before. Only the main thread
-  can install handlers; elsewhere signals keep their usual effect.
-  """
-  received = []
-  if threading.current_thread() is not threading.main_thread():
-    yield received
-    return
-  previous = {}
-
-  def handler(signum, frame):
-    del frame
-    received.append(signum)
-    signal.signal(signum, previous[signum])
-
-  for signum in (signal.SIGTERM, signal.SIGINT):
-    old = signal.signal(signum, handler)
-    previous[signum] = signal.SIG_DFL if old is None else old  # None: set outside Python
-  try:
-    yield received
-  finally:
-    for signum, old in previous.items():
-      signal.signal(signum, old)
-
-
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the latest checkpoint in workdir), evaluates, returns eval metrics.
 
   Everything that can be checked without touching the workdir (dataset, model,
@@ -352,7 +245,7 @@ def train_and_evaluate(config, workdir):
   """
   _, trainer = setup(config)
   run, plan = trainer.run, trainer.plan
-  prepare_workdir(config, workdir)
+  workdirs.prepare(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(trainer.abstract_state())
@@ -396,7 +289,7 @@ def train_and_evaluate(config, workdir):
                         'skipped_nonfinite': skipped})
 
   try:
-    with _stop_requests() as stop:
+    with interrupts.stop_requests() as stop:
       for step in range(start, total):
         state, step_metrics = step_fn(state, next(train_iter))
         pending.append(step_metrics)
@@ -415,7 +308,7 @@ def train_and_evaluate(config, workdir):
           flush(done)  # the NaN guard runs before a step is saved
           ckpt.save(done, state)
         if stop:  # the save completes in ckpt.close() below
-          raise Interrupted(stop[0], done, workdir)
+          raise interrupts.Interrupted(stop[0], done, workdir)
     if eval_metrics is None:  # resumed after the last step: evaluate what is there
       eval_metrics = evaluate.evaluate(run.model, run.variables(state),
                                        eval_dataset(config, run))
@@ -428,53 +321,3 @@ def train_and_evaluate(config, workdir):
                config.data.name, eval_metrics['top1'], eval_metrics['top5'],
                eval_metrics['count'], config.model.tuning, total - start, elapsed)
   return eval_metrics
-
-
-def _restore(config, workdir, checkpoint_path=None):
-  """The dataset info, run and trained state of a workdir (latest, or `checkpoint_path`)."""
-  info, trainer = setup(config)
-  run = trainer.run
-  if checkpoint_path:
-    return info, run, checkpoint.restore_path(checkpoint_path, trainer.abstract_state())
-  if checkpoint.latest_step(workdir) is None:
-    raise UserError(f'--workdir {workdir} has no checkpoint; train first, or pass '
-                    '--checkpoint PATH.')
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    return info, run, ckpt.restore(trainer.abstract_state())
-  finally:
-    ckpt.close()
-
-
-def load_variables(config, workdir=None, checkpoint_path=None, adapters=None):
-  """(run, variables) of a trained model, ready for `run.model.apply`.
-
-  From the latest checkpoint of `workdir` (or `checkpoint_path`), or -- with
-  `adapters` -- the frozen backbone of `config.init_from` with the exported
-  adapters swapped in.
-  """
-  if not adapters:
-    _, run, state = _restore(config, workdir, checkpoint_path)
-    return run, run.variables(state)
-  data.check_num_classes(data.info(config.data), config.model.num_classes)
-  run = Run(config)
-  variables = init_variables(config, run.model, jax.random.key(config.seed))
-  variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
-  return run, run.place(variables)
-
-
-def evaluate_workdir(config, workdir, checkpoint_path=None, adapters=None):
-  """Eval job: top-1/top-5 of `load_variables(...)`, also written to <workdir>/eval.json."""
-  run, variables = load_variables(config, workdir, checkpoint_path, adapters)
-  result = evaluate.evaluate(run.model, variables, eval_dataset(config, run))
-  if jax.process_index() == 0 and os.path.isdir(workdir):
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(result, f)
-  return result
-
-
-def export(config, workdir, out_dir, checkpoint_path=None):
-  """Export job: writes the trainable leaves of the latest checkpoint to out_dir."""
-  info, run, state = _restore(config, workdir, checkpoint_path)
-  return checkpoint.export_adapters(out_dir, run.variables(state), run.mask,
-                                    config.model, info.class_names)

@@ -17,6 +17,7 @@ import pytest
 from adaptformer_jax import checkpoint
 from adaptformer_jax import data
 from adaptformer_jax import train
+from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
 from conftest import tiny_run_config
 
@@ -105,7 +106,7 @@ def inputs(tmp_path_factory, data_dir):
   paths['truncated'] = str(root / 'truncated.safetensors')
   paths['file'] = str(root / 'a_file')
   trainer = train.Trainer(train.Run(config))
-  train.prepare_workdir(config, paths['trained'])
+  workdirs.prepare(config, paths['trained'])
   ckpt = checkpoint.Checkpointer(paths['trained'])
   ckpt.save(0, trainer.initial_state())
   ckpt.close()
@@ -177,6 +178,6 @@ def test_unprepared_dataset_fails_fast_offline(tmp_path):
 def test_a_failed_start_does_not_lock_the_workdir(tmp_path, data_dir):
   """Until its first checkpoint a workdir holds no run, so a corrected restart is accepted."""
   workdir = str(tmp_path)
-  train.prepare_workdir(tiny_run_config(data_dir=data_dir, init_from='wrong.pth'), workdir)
-  train.prepare_workdir(tiny_run_config(data_dir=data_dir), workdir)
-  assert train.load_workdir_config(workdir).init_from == ''
+  workdirs.prepare(tiny_run_config(data_dir=data_dir, init_from='wrong.pth'), workdir)
+  workdirs.prepare(tiny_run_config(data_dir=data_dir), workdir)
+  assert workdirs.load_config(workdir).init_from == ''

@@ -9,8 +9,10 @@ import pytest
 import safetensors.numpy
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import jobs
 from adaptformer_jax import metrics
 from adaptformer_jax import train
+from adaptformer_jax.errors import UserError
 from conftest import tiny_run_config
 
 
@@ -45,7 +47,7 @@ def test_loss_falls_and_accuracy_beats_chance(trained):
 
 def test_restored_checkpoint_gives_identical_eval(trained):
   config, workdir, result = trained
-  assert train.evaluate_workdir(config, workdir) == result
+  assert jobs.evaluate_workdir(config, workdir) == result
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_exactly(trained, tmp_path):
@@ -75,7 +77,7 @@ def test_frozen_backbone_is_untouched_by_training(trained):
 def test_export_holds_exactly_the_trainable_leaves_and_swaps_in(trained, tmp_path):
   config, workdir, result = trained
   out = str(tmp_path / 'adapters')
-  train.export(config, workdir, out)
+  jobs.export(config, workdir, out)
   tensors = safetensors.numpy.load_file(os.path.join(out, checkpoint.ADAPTER_WEIGHTS))
   run = train.Run(config)
   trainable = {'params/' + '/'.join(k) for k, m in
@@ -83,24 +85,24 @@ def test_export_holds_exactly_the_trainable_leaves_and_swaps_in(trained, tmp_pat
   assert set(tensors) == trainable
   assert sum(v.size for v in tensors.values()) == run.param_counts()[0]
   # The same random-init backbone (same seed) with the adapters swapped in.
-  assert train.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result
+  assert jobs.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result
 
 
 def test_adapters_from_another_model_are_refused(trained, tmp_path):
   config, workdir, _ = trained
   out = str(tmp_path / 'adapters')
-  train.export(config, workdir, out)
+  jobs.export(config, workdir, out)
   other = tiny_run_config(data_dir=config.data.data_dir)
   other.model.width = 64
-  with pytest.raises(train.UserError, match='trained for another model.*width: adapters 32'):
-    train.evaluate_workdir(other, str(tmp_path / 'eval'), adapters=out)
+  with pytest.raises(UserError, match='trained for another model.*width: adapters 32'):
+    jobs.evaluate_workdir(other, str(tmp_path / 'eval'), adapters=out)
 
 
 def test_conflicting_config_on_resume_is_refused(trained):
   config, workdir, _ = trained
   changed = tiny_run_config(data_dir=config.data.data_dir)
   changed.model.adapter.bottleneck = 4
-  with pytest.raises(train.UserError, match=r'model\.adapter\.bottleneck: 8 -> 4'):
+  with pytest.raises(UserError, match=r'model\.adapter\.bottleneck: 8 -> 4'):
     train.train_and_evaluate(changed, workdir)
 
 
