@@ -16,11 +16,10 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.models import methods
 
 ADAPTER_WEIGHTS = 'adapter.safetensors'
 ADAPTER_CONFIG = 'adapter_config.json'
-ARCHITECTURE_FIELDS = ('name', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_dim',
-                       'pool', 'head', 'tuning', 'num_classes')
 
 
 class Checkpointer:
@@ -89,20 +88,24 @@ class Checkpointer:
       multihost_utils.sync_global_devices('checkpoint set aside')
     self._manager.reload()
 
-  def close(self):
+  def close(self) -> None:
+    """Waits for pending saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
 
 
 def latest_step(workdir):
   """The newest complete step in `<workdir>/checkpoints`, or None; creates nothing."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return None
-  ckpt = Checkpointer(workdir, read_only=True)
-  try:
+  with Checkpointer(workdir, read_only=True) as ckpt:
     return ckpt.latest_step()
-  finally:
-    ckpt.close()
 
 
 def first_line(error):
@@ -162,7 +165,7 @@ def swap_in_adapters(adapter_dir, variables, mask, model_cfg):
   """
   saved = read_adapter_config(adapter_dir)['model']
   diffs = [f'{k}: adapters {saved.get(k)!r} vs config {model_cfg[k]!r}'
-           for k in ARCHITECTURE_FIELDS if saved.get(k) != model_cfg[k]]
+           for k in methods.ARCHITECTURE_FIELDS if saved.get(k) != model_cfg[k]]
   if diffs:
     raise UserError(f'--adapters {adapter_dir} were trained for another model ('
                     + '; '.join(diffs) + '); use the config they were exported with.')

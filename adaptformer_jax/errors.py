@@ -1,4 +1,6 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero."""
+import difflib
+from collections.abc import Iterable
 
 
 class UserError(Exception):
@@ -7,3 +9,9 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """An invalid configuration value (also a ValueError for library callers)."""
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+  """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close."""
+  close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+  return f' (did you mean {close[0]!r}?)' if close else ''

@@ -36,17 +36,19 @@ flags.DEFINE_bool('verbose', False, 'Show full tracebacks for user errors, and l
 
 def _run(config):
   """The job, with a signal-stopped training run exiting as the signal would (128 + N)."""
-  from adaptformer_jax import train  # pylint: disable=g-import-not-at-top
+  from adaptformer_jax import interrupts  # pylint: disable=g-import-not-at-top
   try:
     return _dispatch(config)
-  except train.Interrupted as e:
+  except interrupts.Interrupted as e:
     print(f'interrupted: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
 
 
 def _dispatch(config):
+  from adaptformer_jax import jobs  # pylint: disable=g-import-not-at-top
   from adaptformer_jax import sharding  # pylint: disable=g-import-not-at-top
   from adaptformer_jax import train  # pylint: disable=g-import-not-at-top
+  from adaptformer_jax import workdirs  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   if not FLAGS.workdir:
@@ -55,20 +57,20 @@ def _dispatch(config):
     if FLAGS.mode == 'train':
       raise UserError('--config is required for training, e.g. '
                       '--config configs/cifar100.py:adaptformer.')
-    config = train.load_workdir_config(FLAGS.workdir)
+    config = workdirs.load_config(FLAGS.workdir)
   if FLAGS.mode == 'train' and config.get('experiment') == 'transfer':
     from adaptformer_jax import transfer  # pylint: disable=g-import-not-at-top
     return transfer.run(config, FLAGS.workdir)
   if FLAGS.mode == 'train':
     return train.train_and_evaluate(config, FLAGS.workdir)
   if FLAGS.mode == 'eval':
-    result = train.evaluate_workdir(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.adapters)
+    result = jobs.evaluate_workdir(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.adapters)
     print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
           f"({result['count']} images)")
     return result
   if not FLAGS.out:
     raise UserError('--mode export needs --out DIR.')
-  tensors = train.export(config, FLAGS.workdir, FLAGS.out, FLAGS.checkpoint)
+  tensors = jobs.export(config, FLAGS.workdir, FLAGS.out, FLAGS.checkpoint)
   print(f'Exported {len(tensors)} tensors to {FLAGS.out}.')
   return tensors
 

@@ -6,17 +6,14 @@ import jax
 import optax
 
 from adaptformer_jax.errors import ConfigError
-from adaptformer_jax.models import presets
+from adaptformer_jax.models import methods
 
 
 def trainable_rules(model_cfg):
   """Regexes (full match on '/'-joined paths) of the parameters that train."""
   if model_cfg.trainable:
     return tuple(model_cfg.trainable)
-  rules = []
-  for method in presets.tuning_methods(model_cfg):
-    rules += [r for r in presets.TUNING_RULES[method] if r not in rules]
-  return tuple(rules)
+  return methods.parse(model_cfg.tuning).trainable
 
 
 def trainable_mask(params, model_cfg):

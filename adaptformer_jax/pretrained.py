@@ -20,13 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.models import methods
 from adaptformer_jax.models import presets
 
 logger = logging.getLogger(__name__)
-
-# Leaves a backbone checkpoint may lack: the PEFT pieces and the head keep their fresh init.
-FRESH_OK = re.compile(r'params/(block\d+/(adapter|attn/lora_[qv])/.*|prompts|head/.*)'
-                      r'|batch_stats/head/.*')
 
 # Torch modules (official AdaptFormer, MAE, timm) -> (our module, kind).
 _TORCH_MODULES = (
@@ -107,7 +104,7 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
     mismatched = {k for k, _ in problems['shape mismatches (checkpoint vs model)']}
     problems['missing from the checkpoint'] = [
         (k, f'{k} {tuple(target[k].shape)}') for k in missing if not (
-            k in mismatched or FRESH_OK.fullmatch(k)
+            k in mismatched or methods.FRESH_ON_LOAD.fullmatch(k)
             or (mae_gap and k.startswith('params/fc_norm/')))]
   _raise_or_warn(path, problems, strict, converted, model_cfg, own_export)
 
@@ -416,11 +413,7 @@ def _fit_posemb(value, want, src):
 _HINTS = (  # (our paths among unexpected/mismatched keys, the fix)
     (r'batch_stats/head/bn/.*', "the checkpoint has a BatchNorm head: set model.head='bn_linear'"),
     (r'params/fc_norm/.*', "the checkpoint pools by global average: set model.pool='gap'"),
-    (r'params/block\d+/adapter/.*', "the checkpoint's adapters do not fit: match model.tuning "
-     "('adaptformer') and model.adapter (bottleneck, scale, layernorm)"),
-    (r'params/prompts', "the checkpoint has VPT prompts: match model.tuning ('vpt_deep') "
-     'and model.vpt.num_tokens'),
-)
+) + methods.LOAD_HINTS
 
 
 def _raise_or_warn(path, problems, strict, converted, model_cfg, own_export):

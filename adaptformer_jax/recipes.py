@@ -3,17 +3,16 @@ import ml_collections
 
 from adaptformer_jax import models
 from adaptformer_jax.errors import ConfigError
-
-METHODS = ('adaptformer', 'full', 'linear', 'vpt_shallow', 'vpt_deep', 'lora')
+from adaptformer_jax.models import methods
 
 
 def method_arg(arg, config_name):
   """The tuning method named by a config file's argument (`configs/NAME.py:METHOD`)."""
   if not arg:
     raise ConfigError(f'configs/{config_name}.py needs a tuning method: '
-                      f"configs/{config_name}.py:METHOD with METHOD one of {', '.join(METHODS)} "
+                      f"configs/{config_name}.py:METHOD with METHOD one of {', '.join(methods.METHODS)} "
                       "(or a '+' combination).")
-  models.tuning_methods(ml_collections.ConfigDict({'tuning': arg}))
+  methods.parse(arg)
   return arg
 
 

@@ -1,21 +1,18 @@
-"""train_and_evaluate(config, workdir): the fine-tuning loop, plus the eval and export jobs.
+"""train_and_evaluate(config, workdir): the fine-tuning loop and the pieces it is built from.
 
 One jitted step over a data-parallel mesh maps (state, batch) -> (state, metrics);
 frozen parameters are constants to autodiff and carry no optimizer state.
 """
-import contextlib
 import dataclasses
 import functools
-import json
-import logging
-import os
 import re
-import signal
-import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from absl import logging
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,18 +21,14 @@ import optax
 from adaptformer_jax import checkpoint
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
+from adaptformer_jax import interrupts
 from adaptformer_jax import metrics
 from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax import pretrained
 from adaptformer_jax import sharding
+from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
-
-CONFIG_FILE = 'config.json'
-# Fields that may change when a run resumes; anything else is a conflict.
-RESUMABLE_FIELDS = ('num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-                    'checkpoint_every_steps', 'keep_checkpoints', 'progress',
-                    'eval_batch_size', 'nonfinite', 'model_parallel')
 
 
 @flax.struct.dataclass
@@ -50,36 +43,25 @@ class TrainingDiverged(UserError):
   """A non-finite loss or gradient with config.nonfinite == 'stop'."""
 
 
-class Interrupted(Exception):
-  """SIGTERM or SIGINT stopped training after the current step was checkpointed.
-
-  Not a UserError: the CLI exits with 128 + the signal number, as if killed, so
-  schedulers see a preemption rather than a failure.
-  """
-
-  def __init__(self, signum, step, workdir):
-    self.signum = signum
-    super().__init__(f'{signal.Signals(signum).name} received: saved step {step} in '
-                     f'{os.path.join(workdir, "checkpoints")}; run the same command to '
-                     'resume.')
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Step counts derived from the config and the dataset size."""
+  """Step counts and the peak learning rate, from the config and the dataset size."""
   micro_batch: int
   accum_steps: int
-  steps_per_epoch: int   # optimizer updates
   total_updates: int
   warmup_updates: int
   learning_rate: float
 
   @property
-  def total_steps(self):
+  def total_steps(self) -> int:
     return self.total_updates * self.accum_steps
 
 
-def make_plan(config, num_train):
+def make_plan(config: ml_collections.ConfigDict, num_train: int | None = None) -> Plan:
+  """The step plan; `num_train` (training images) is needed only for schedules in epochs."""
+  if num_train is None and (config.num_train_steps <= 0 or config.warmup_steps < 0):
+    raise UserError('config.num_train_steps and config.warmup_steps must be set when the '
+                    'dataset size is unknown (epochs need it).')
   if config.batch_size % config.accum_steps:
     raise UserError(f'config.batch_size={config.batch_size} is not divisible by '
                     f'config.accum_steps={config.accum_steps}.')
@@ -87,16 +69,17 @@ def make_plan(config, num_train):
   sharding.check_batch_divisible(micro, 'config.batch_size / config.accum_steps')
   # Checked here, not at the first eval: a bad eval batch must not waste a training run.
   sharding.check_batch_divisible(config.eval_batch_size, 'config.eval_batch_size')
-  per_epoch = max(1, num_train // config.batch_size)
+  per_epoch = max(1, (num_train or 0) // config.batch_size)  # updates
   total = max(1, config.num_train_steps if config.num_train_steps > 0
               else config.num_epochs * per_epoch)
   # Warmup is capped so that the cosine part keeps at least one step (optax requires it).
   warmup = config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * per_epoch
-  return Plan(micro, config.accum_steps, per_epoch, total, min(warmup, total - 1),
+  return Plan(micro, config.accum_steps, total, min(warmup, total - 1),
               config.optimizer.base_lr * config.batch_size / 256)
 
 
-def make_optimizer(config, plan, mask):
+def make_optimizer(config: ml_collections.ConfigDict, plan: Plan,
+                   mask: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """SGD (momentum, decoupled-from-nothing weight decay as torch) on a warmup-cosine schedule."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, plan.learning_rate, plan.warmup_updates, max(plan.total_updates, 1), 0.0)
@@ -117,7 +100,8 @@ def make_optimizer(config, plan, mask):
   return peft.freeze(tx, mask), schedule
 
 
-def init_variables(config, model, rng):
+def init_variables(config: ml_collections.ConfigDict, model: nn.Module,
+                   rng: jax.Array) -> dict[str, Any]:
   """Fresh variables, overwritten by `config.init_from` where the checkpoint has them.
 
   Leaves matching a `config.init_dont_load` regex (e.g. 'head/.*' to start a new
@@ -134,7 +118,9 @@ def init_variables(config, model, rng):
   return jax.tree_util.tree_map_with_path(keep_fresh, dict(loaded), dict(fresh))
 
 
-def train_step(state, batch, *, model, tx, mask, seed, label_smoothing):
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, mask: Any, seed: int,
+               label_smoothing: float) -> tuple[TrainState, dict[str, jax.Array]]:
   """One micro-batch: forward, input/adapter gradients, (accumulated) SGD update."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
@@ -164,175 +150,112 @@ def train_step(state, batch, *, model, tx, mask, seed, label_smoothing):
 
 
 class Run:
-  """The pieces every job needs: model, mask, optimizer and the (abstract) train state."""
+  """What a config's model is: the module, its abstract variables, the trainable mask, the mesh.
 
-  def __init__(self, config, num_train):
+  Needs no dataset (parameter counts, init, shardings are model facts); the step
+  plan and optimizer, which do, are the `Trainer`'s.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.mesh = sharding.make_mesh(config.get('model_parallel', 1))
-    self.plan = make_plan(config, num_train)
     self.model = models.build(config.model)
     size = config.model.image_size
     self.abstract_variables = jax.eval_shape(
         lambda: self.model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
     self.mask = peft.trainable_mask(self.abstract_variables['params'], config.model)
-    self.tx, self.schedule = make_optimizer(config, self.plan, self.mask)
 
-  def place(self, tree):
+  def place(self, tree: Any) -> Any:
     """Puts a pytree of arrays on the mesh with the partitioning rules of `sharding`."""
     return jax.device_put(tree, sharding.tree_shardings(tree, self.mesh))
 
-  def initial_state(self):
-    variables = self.place(
-        init_variables(self.config, self.model, jax.random.key(self.config.seed)))
-    params = variables['params']
-    opt_shardings = sharding.tree_shardings(jax.eval_shape(self.tx.init, params), self.mesh)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}),
-                      opt_state=jax.jit(self.tx.init, out_shardings=opt_shardings)(params))
+  def initial_variables(self) -> dict[str, Any]:
+    """`init_variables` for this config's seed, placed on the mesh."""
+    return self.place(init_variables(self.config, self.model,
+                                     jax.random.key(self.config.seed)))
 
-  def abstract_state(self):
-    """Shapes and shardings of the state, for restoring without materialising an init."""
-    def init():
-      variables = self.abstract_variables
-      return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                        batch_stats=variables.get('batch_stats', {}),
-                        opt_state=self.tx.init(variables['params']))
-    abstract = jax.eval_shape(init)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        abstract, sharding.tree_shardings(abstract, self.mesh))
-
-  def jit_train_step(self):
-    step = functools.partial(
-        train_step, model=self.model, tx=self.tx, mask=self.mask, seed=self.config.seed,
-        label_smoothing=self.config.optimizer.label_smoothing)
-    state_shardings = sharding.tree_shardings(self.abstract_state(), self.mesh)
-    return jax.jit(step, donate_argnums=0,
-                   out_shardings=(state_shardings, sharding.replicated(self.mesh)))
-
-  def param_counts(self):
+  def param_counts(self) -> tuple[int, int]:
     """(trainable, total) parameter counts of this config's model."""
     params = self.abstract_variables['params']
     return peft.count(params, self.mask), peft.count(params)
 
-  def variables(self, state):
+  @staticmethod
+  def variables(state: TrainState) -> dict[str, Any]:
+    """The model variables held by a train state, for `model.apply`."""
     variables = {'params': state.params}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
     return variables
 
 
-def prepare_workdir(config, workdir):
-  """Creates workdir, records the config, and refuses to resume with a different model/data.
+class Trainer:
+  """A Run with its step plan and optimizer: what training, and restoring a train state, need."""
 
-  Only a checkpoint makes a workdir hold a run: until the first one, a restart may
-  change anything (e.g. fix the init_from that failed to load) and rewrites config.json.
-  """
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'--workdir {workdir} is not writable ({e.strerror}); choose '
-                    'another directory.') from None
-  if checkpoint.latest_step(workdir) is None:
-    if jax.process_index() == 0:
-      path = os.path.join(workdir, CONFIG_FILE)
-      with open(path + '.tmp', 'w') as f:  # a kill mid-write leaves the old file whole
-        f.write(config.to_json(indent=2))
-      os.replace(path + '.tmp', path)
-    return
-  saved = load_workdir_config(workdir)
-  conflicts, changes = [], []
-  for key, value in _flat(config.to_dict()).items():
-    old = _flat(saved.to_dict()).get(key, '<absent>')
-    if old != value:
-      (changes if key.split('.')[0] in RESUMABLE_FIELDS else conflicts).append(
-          f'{key}: {old!r} -> {value!r}')
-  if conflicts:
-    raise UserError(f'--workdir {workdir} holds a run with a different config ('
-                    + '; '.join(conflicts) + '); use a new --workdir or the same config.')
-  for change in changes:
-    logging.warning('Resuming with a changed setting: %s', change)
+  def __init__(self, run: Run, num_train: int | None = None):
+    self.run = run
+    self.plan = make_plan(run.config, num_train)
+    self.tx, self.schedule = make_optimizer(run.config, self.plan, run.mask)
 
+  def initial_state(self) -> TrainState:
+    variables = self.run.initial_variables()
+    params = variables['params']
+    opt_shardings = sharding.tree_shardings(jax.eval_shape(self.tx.init, params),
+                                            self.run.mesh)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=jax.jit(self.tx.init, out_shardings=opt_shardings)(params))
 
-def load_workdir_config(workdir):
-  try:
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f'--workdir {workdir}: cannot read {CONFIG_FILE} ({e}); pass --config.'
-                    ) from None
+  def abstract_state(self) -> TrainState:
+    """Shapes and shardings of the state, for restoring without materialising an init."""
+    def init():
+      variables = self.run.abstract_variables
+      return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                        batch_stats=variables.get('batch_stats', {}),
+                        opt_state=self.tx.init(variables['params']))
+    abstract = jax.eval_shape(init)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, sharding.tree_shardings(abstract, self.run.mesh))
+
+  def jit_train_step(self) -> Callable[[TrainState, dict[str, jax.Array]],
+                                        tuple[TrainState, dict[str, jax.Array]]]:
+    config = self.run.config
+    step = functools.partial(
+        train_step, model=self.run.model, tx=self.tx, mask=self.run.mask, seed=config.seed,
+        label_smoothing=config.optimizer.label_smoothing)
+    state_shardings = sharding.tree_shardings(self.abstract_state(), self.run.mesh)
+    return jax.jit(step, donate_argnums=0,
+                   out_shardings=(state_shardings, sharding.replicated(self.run.mesh)))
 
 
-def _flat(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def _eval_dataset(config, run):
+def eval_dataset(config: ml_collections.ConfigDict, run: Run) -> Iterator[dict[str, jax.Array]]:
+  """The eval split in padded global batches on the run's mesh."""
   return data.eval_iterator(config.data, image_size=config.model.image_size,
                             global_batch=config.eval_batch_size,
                             sharding=sharding.batch_sharding(run.mesh))
 
 
-def _setup(config):
-  """The dataset info (its class count checked against the head) and the Run built on it."""
+def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
+  """The dataset info (its class count checked against the head) and the Trainer planned on it."""
   info = data.info(config.data)
   data.check_num_classes(info, config.model.num_classes)
-  return info, Run(config, info.num_train)
+  return info, Trainer(Run(config), info.num_train)
 
 
-@contextlib.contextmanager
-def _stop_requests():
-  """Yields a list that SIGTERM/SIGINT append to instead of ending the process.
-
-  The training loop checkpoints and stops once it is non-empty (a preemption
-  notice, Ctrl-C); a second signal acts as it did before. Only the main thread
-  can install handlers; elsewhere signals keep their usual effect.
-  """
-  received = []
-  if threading.current_thread() is not threading.main_thread():
-    yield received
-    return
-  previous = {}
-
-  def handler(signum, frame):
-    del frame
-    received.append(signum)
-    signal.signal(signum, previous[signum])
-
-  for signum in (signal.SIGTERM, signal.SIGINT):
-    old = signal.signal(signum, handler)
-    previous[signum] = signal.SIG_DFL if old is None else old  # None: set outside Python
-  try:
-    yield received
-  finally:
-    for signum, old in previous.items():
-      signal.signal(signum, old)
-
-
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the latest checkpoint in workdir), evaluates, returns eval metrics.
 
   Everything that can be checked without touching the workdir (dataset, model,
   batch split) is, first. SIGTERM/SIGINT save the current step and raise Interrupted.
   """
-  info, run = _setup(config)
-  plan = run.plan
-  prepare_workdir(config, workdir)
+  _, trainer = setup(config)
+  run, plan = trainer.run, trainer.plan
+  workdirs.prepare(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(run.abstract_state())
+    state = ckpt.restore(trainer.abstract_state())
     logging.info('Resumed from step %d in %s.', int(state.step), workdir)
   else:
-    state = run.initial_state()
+    state = trainer.initial_state()
   start = int(state.step)
   total = plan.total_steps
   logging.info('Training %s on %s: %d of %d trainable parameters, %d updates of %d images.',
@@ -341,7 +264,7 @@ def train_and_evaluate(config, workdir):
   train_iter = data.train_iterator(
       config.data, image_size=config.model.image_size, global_batch=plan.micro_batch,
       sharding=sharding.batch_sharding(run.mesh), seed=config.seed, start_step=start)
-  step_fn = run.jit_train_step()
+  step_fn = trainer.jit_train_step()
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(total, start, plan.micro_batch, config.progress)
   pending, skipped, eval_metrics, t0 = [], 0, None, time.perf_counter()
@@ -366,11 +289,11 @@ def train_and_evaluate(config, workdir):
     acc = sum(float(m['accuracy']) for m in good) / len(good)
     rate = progress.update(step, loss=loss)
     writer.write(step, {'train/loss': loss, 'train/accuracy': acc, 'img_per_s': rate,
-                        'lr': float(run.schedule(step // plan.accum_steps)),
+                        'lr': float(trainer.schedule(step // plan.accum_steps)),
                         'skipped_nonfinite': skipped})
 
   try:
-    with _stop_requests() as stop:
+    with interrupts.stop_requests() as stop:
       for step in range(start, total):
         state, step_metrics = step_fn(state, next(train_iter))
         pending.append(step_metrics)
@@ -383,16 +306,16 @@ def train_and_evaluate(config, workdir):
         if evaluate_now:
           flush(done)
           eval_metrics = evaluate.evaluate(run.model, run.variables(state),
-                                           _eval_dataset(config, run))
+                                           eval_dataset(config, run))
           writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
         if last or done % config.checkpoint_every_steps == 0 or stop:
           flush(done)  # the NaN guard runs before a step is saved
           ckpt.save(done, state)
         if stop:  # the save completes in ckpt.close() below
-          raise Interrupted(stop[0], done, workdir)
+          raise interrupts.Interrupted(stop[0], done, workdir)
     if eval_metrics is None:  # resumed after the last step: evaluate what is there
       eval_metrics = evaluate.evaluate(run.model, run.variables(state),
-                                       _eval_dataset(config, run))
+                                       eval_dataset(config, run))
   finally:
     progress.close()
     writer.close()
@@ -402,51 +325,3 @@ def train_and_evaluate(config, workdir):
                config.data.name, eval_metrics['top1'], eval_metrics['top5'],
                eval_metrics['count'], config.model.tuning, total - start, elapsed)
   return eval_metrics
-
-
-def _restore(config, workdir, checkpoint_path=None):
-  """The model, run and trained state of a workdir (latest, or `checkpoint_path`)."""
-  info, run = _setup(config)
-  if checkpoint_path:
-    return info, run, checkpoint.restore_path(checkpoint_path, run.abstract_state())
-  if checkpoint.latest_step(workdir) is None:
-    raise UserError(f'--workdir {workdir} has no checkpoint; train first, or pass '
-                    '--checkpoint PATH.')
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    return info, run, ckpt.restore(run.abstract_state())
-  finally:
-    ckpt.close()
-
-
-def load_variables(config, workdir=None, checkpoint_path=None, adapters=None):
-  """(run, variables) of a trained model, ready for `run.model.apply`.
-
-  From the latest checkpoint of `workdir` (or `checkpoint_path`), or -- with
-  `adapters` -- the frozen backbone of `config.init_from` with the exported
-  adapters swapped in.
-  """
-  if not adapters:
-    _, run, state = _restore(config, workdir, checkpoint_path)
-    return run, run.variables(state)
-  _, run = _setup(config)
-  variables = init_variables(config, run.model, jax.random.key(config.seed))
-  variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
-  return run, run.place(variables)
-
-
-def evaluate_workdir(config, workdir, checkpoint_path=None, adapters=None):
-  """Eval job: top-1/top-5 of `load_variables(...)`, also written to <workdir>/eval.json."""
-  run, variables = load_variables(config, workdir, checkpoint_path, adapters)
-  result = evaluate.evaluate(run.model, variables, _eval_dataset(config, run))
-  if jax.process_index() == 0 and os.path.isdir(workdir):
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(result, f)
-  return result
-
-
-def export(config, workdir, out_dir, checkpoint_path=None):
-  """Export job: writes the trainable leaves of the latest checkpoint to out_dir."""
-  info, run, state = _restore(config, workdir, checkpoint_path)
-  return checkpoint.export_adapters(out_dir, run.variables(state), run.mask,
-                                    config.model, info.class_names)

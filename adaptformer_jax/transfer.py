@@ -48,7 +48,7 @@ def run(config, workdir):
     cfg = method_config(config, method)
     cfg.init_from = backbone
     result = train.train_and_evaluate(cfg, os.path.join(workdir, method))
-    trainable, total = train.Run(cfg, 1).param_counts()
+    trainable, total = train.Run(cfg).param_counts()
     summary['methods'][method] = {'top1': result['top1'], 'trainable_params': trainable,
                                   'total_params': total}
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:

@@ -46,18 +46,18 @@ def main():
   config = recipes.base(model, 'sklearn_digits/all', data_dir=data_dir)
   config.batch_size = args.batch
   info = data.info(config.data)  # builds the dataset on first use
-  run = train.Run(config, info.num_train)
+  trainer = train.Trainer(train.Run(config), info.num_train)
   batches = data.train_iterator(
       config.data, image_size=args.image_size, global_batch=args.batch,
-      sharding=sharding.batch_sharding(run.mesh), seed=0)
+      sharding=sharding.batch_sharding(trainer.run.mesh), seed=0)
 
   pipeline = images_per_second(
       lambda: jax.block_until_ready(next(batches)), args.batch, 5, args.pipeline_batches)
   print(f'pipeline: {pipeline:.1f} images/s ({jax.device_count()} {jax.default_backend()} '
         f'device(s), batch {args.batch}, {args.image_size} px, {config.data.train_pp})')
 
-  step_fn = run.jit_train_step()
-  state, batch = run.initial_state(), next(batches)
+  step_fn = trainer.jit_train_step()
+  state, batch = trainer.initial_state(), next(batches)
 
   def step():
     nonlocal state
@@ -65,7 +65,7 @@ def main():
     jax.block_until_ready(metrics['loss'])
 
   stepping = images_per_second(step, args.batch, 1, args.train_steps)
-  print(f'train step: {stepping:.1f} images/s (ViT-Ti/16 adaptformer, train.Run)')
+  print(f'train step: {stepping:.1f} images/s (ViT-Ti/16 adaptformer, train.Trainer)')
   print(f'ratio: {pipeline / stepping:.2f}')
 
 

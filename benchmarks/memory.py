@@ -1,6 +1,6 @@
 """How much memory does a train step need? Adapter vs full tuning, and the giant presets.
 
-Nothing is allocated: our jitted train step (`train.Run(...).jit_train_step()`) is
+Nothing is allocated: our jitted train step (`train.Trainer(...).jit_train_step()`) is
 lowered for ShapeDtypeStructs and compiled, and XLA's buffer assignment
 (`compiled.memory_analysis()`) gives the per-device peak as arguments + outputs +
 temporaries - aliased (the donated state is updated in place). Part 1: ViT-B/16
@@ -46,14 +46,14 @@ def step_memory(name, tuning, remat, batch, model_parallel=1, compiler_options=N
   config.batch_size = batch
   config.warmup_steps = 0
   config.num_train_steps = 1000
-  run = train.Run(config, num_train=1000 * batch)
-  run.mesh = sharding.make_mesh(model_parallel)
-  data_sharding = sharding.batch_sharding(run.mesh)
+  config.model_parallel = model_parallel
+  trainer = train.Trainer(train.Run(config))
+  data_sharding = sharding.batch_sharding(trainer.run.mesh)
   size = model.image_size
   data = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
                                         sharding=data_sharding),
           'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data_sharding)}
-  compiled = run.jit_train_step().lower(run.abstract_state(), data).compile(
+  compiled = trainer.jit_train_step().lower(trainer.abstract_state(), data).compile(
       compiler_options)
   m = compiled.memory_analysis()
   peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

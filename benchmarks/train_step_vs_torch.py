@@ -2,7 +2,7 @@
 
 ViT-B/16, 224 px, SGD with momentum, AdaptFormer (official defaults: bottleneck 64,
 scale 0.1, dropout 0.1, parallel to the MLP) with a frozen backbone. Ours is the
-training loop's own jitted step (`train.Run(...).jit_train_step()`); PyTorch's is
+training loop's own jitted step (`train.Trainer(...).jit_train_step()`); PyTorch's is
 written as a performance-minded user would: fused qkv, F.scaled_dot_product_attention,
 requires_grad=False on the backbone, momentum SGD on the trainable leaves only, and
 torch.compile when it is faster than eager. The steps alternate, so all see the
@@ -55,11 +55,11 @@ def jax_step(tuning, batch, dtype='float32', remat='none'):
   config.batch_size = batch
   config.num_train_steps = 10_000
   config.warmup_steps = 0
-  run = train.Run(config, num_train=10_000 * batch)
+  trainer = train.Trainer(train.Run(config))
   images, labels = synthetic_batch(batch)
   data = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
-  state = run.initial_state()
-  compiled = run.jit_train_step().lower(state, data).compile()
+  state = trainer.initial_state()
+  compiled = trainer.jit_train_step().lower(state, data).compile()
 
   def step():
     nonlocal state

@@ -17,12 +17,12 @@ import pytest
 from adaptformer_jax import checkpoint
 from adaptformer_jax import data
 from adaptformer_jax import train
+from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
 from conftest import tiny_run_config
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
-NUM_TRAIN = 1437  # sklearn_digits/all train split
 
 
 def write_config(path, data_dir, **overrides):
@@ -105,15 +105,15 @@ def inputs(tmp_path_factory, data_dir):
   paths['config'] = write_config(root / 'tiny.py', data_dir)
   paths['truncated'] = str(root / 'truncated.safetensors')
   paths['file'] = str(root / 'a_file')
-  run = train.Run(config, NUM_TRAIN)
-  train.prepare_workdir(config, paths['trained'])
+  trainer = train.Trainer(train.Run(config))
+  workdirs.prepare(config, paths['trained'])
   ckpt = checkpoint.Checkpointer(paths['trained'])
-  ckpt.save(0, run.initial_state())
+  ckpt.save(0, trainer.initial_state())
   ckpt.close()
   other = tiny_run_config(data_dir=data_dir)
   other.model.width = 64
   ckpt = checkpoint.Checkpointer(paths['other'])
-  ckpt.save(0, train.Run(other, NUM_TRAIN).initial_state())
+  ckpt.save(0, train.Trainer(train.Run(other)).initial_state())
   ckpt.close()
   paths['other_model'] = os.path.join(paths['other'], 'checkpoints', '0')
   os.makedirs(paths['empty'])
@@ -178,6 +178,6 @@ def test_unprepared_dataset_fails_fast_offline(tmp_path):
 def test_a_failed_start_does_not_lock_the_workdir(tmp_path, data_dir):
   """Until its first checkpoint a workdir holds no run, so a corrected restart is accepted."""
   workdir = str(tmp_path)
-  train.prepare_workdir(tiny_run_config(data_dir=data_dir, init_from='wrong.pth'), workdir)
-  train.prepare_workdir(tiny_run_config(data_dir=data_dir), workdir)
-  assert train.load_workdir_config(workdir).init_from == ''
+  workdirs.prepare(tiny_run_config(data_dir=data_dir, init_from='wrong.pth'), workdir)
+  workdirs.prepare(tiny_run_config(data_dir=data_dir), workdir)
+  assert workdirs.load_config(workdir).init_from == ''

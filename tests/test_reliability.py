@@ -20,7 +20,7 @@ import pytest
 from adaptformer_jax import checkpoint
 from adaptformer_jax import train
 from conftest import tiny_run_config
-from test_cli import NUM_TRAIN, REPO, cli, cli_env, write_config  # noqa: F401 (a fixture)
+from test_cli import REPO, cli, cli_env, write_config  # noqa: F401 (a fixture)
 
 # Checkpoints every 5 of 70 steps: many chances to be killed mid-step and mid-save. The
 # BatchNorm head adds running statistics to what must resume exactly.
@@ -42,7 +42,7 @@ def final_state(config, workdir):
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     assert ckpt.latest_step() == RUN['num_train_steps']
-    return ckpt.restore(train.Run(config, NUM_TRAIN).abstract_state())
+    return ckpt.restore(train.Trainer(train.Run(config)).abstract_state())
   finally:
     ckpt.close()
 
@@ -170,7 +170,7 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
   assert saved_steps(workdir)[-1] == bad - 1
   assert f'checkpoint (step {bad - 1}) is kept' in str(error.value)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  state = ckpt.restore(train.Run(config, NUM_TRAIN).abstract_state())
+  state = ckpt.restore(train.Trainer(train.Run(config)).abstract_state())
   ckpt.close()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -185,6 +185,6 @@ def test_nonfinite_skip_counts_skipped_updates_and_finishes(tmp_path, data_dir):
     skipped = [r['skipped_nonfinite'] for r in map(json.loads, f) if 'skipped_nonfinite' in r]
   assert 0 < skipped[-1] < 10 and skipped == sorted(skipped)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  state = ckpt.restore(train.Run(config, NUM_TRAIN).abstract_state())
+  state = ckpt.restore(train.Trainer(train.Run(config)).abstract_state())
   ckpt.close()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

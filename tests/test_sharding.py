@@ -100,10 +100,11 @@ def train_losses(model_parallel):
   from adaptformer_jax import train  # pylint: disable=g-import-not-at-top
   from conftest import tiny_run_config  # pylint: disable=g-import-not-at-top
 
-  config = tiny_run_config(batch_size=GLOBAL_BATCH, warmup_steps=0)
-  run = train.Run(config, 1437)
-  run.mesh = sharding.make_mesh(model_parallel)
-  state, step = run.initial_state(), run.jit_train_step()
+  config = tiny_run_config(batch_size=GLOBAL_BATCH, warmup_steps=0,
+                           model_parallel=model_parallel)
+  trainer = train.Trainer(train.Run(config))
+  run = trainer.run
+  state, step = trainer.initial_state(), trainer.jit_train_step()
   batch_sharding = sharding.batch_sharding(run.mesh)
   rng = np.random.RandomState(0)
   batch = {'image': rng.rand(GLOBAL_BATCH, 16, 16, 3).astype(np.float32),

@@ -9,8 +9,10 @@ import pytest
 import safetensors.numpy
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import jobs
 from adaptformer_jax import metrics
 from adaptformer_jax import train
+from adaptformer_jax.errors import UserError
 from conftest import tiny_run_config
 
 
@@ -23,10 +25,10 @@ def trained(tmp_path_factory, data_dir):
 
 
 def restore(config, workdir, step=None):
-  run = train.Run(config, 1437)
+  trainer = train.Trainer(train.Run(config))
   ckpt = checkpoint.Checkpointer(workdir)
   try:
-    return ckpt.restore(run.abstract_state(), step)
+    return ckpt.restore(trainer.abstract_state(), step)
   finally:
     ckpt.close()
 
@@ -45,7 +47,7 @@ def test_loss_falls_and_accuracy_beats_chance(trained):
 
 def test_restored_checkpoint_gives_identical_eval(trained):
   config, workdir, result = trained
-  assert train.evaluate_workdir(config, workdir) == result
+  assert jobs.evaluate_workdir(config, workdir) == result
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_exactly(trained, tmp_path):
@@ -62,7 +64,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_exactly(trained, tmp_path):
 
 def test_frozen_backbone_is_untouched_by_training(trained):
   config, workdir, _ = trained
-  run = train.Run(config, 1437)
+  run = train.Run(config)
   first = restore(config, workdir, 20).params
   last = restore(config, workdir, 40).params
   flat_mask = flax.traverse_util.flatten_dict(run.mask)
@@ -75,32 +77,32 @@ def test_frozen_backbone_is_untouched_by_training(trained):
 def test_export_holds_exactly_the_trainable_leaves_and_swaps_in(trained, tmp_path):
   config, workdir, result = trained
   out = str(tmp_path / 'adapters')
-  train.export(config, workdir, out)
+  jobs.export(config, workdir, out)
   tensors = safetensors.numpy.load_file(os.path.join(out, checkpoint.ADAPTER_WEIGHTS))
-  run = train.Run(config, 1437)
+  run = train.Run(config)
   trainable = {'params/' + '/'.join(k) for k, m in
                flax.traverse_util.flatten_dict(run.mask).items() if m}
   assert set(tensors) == trainable
   assert sum(v.size for v in tensors.values()) == run.param_counts()[0]
   # The same random-init backbone (same seed) with the adapters swapped in.
-  assert train.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result
+  assert jobs.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result
 
 
 def test_adapters_from_another_model_are_refused(trained, tmp_path):
   config, workdir, _ = trained
   out = str(tmp_path / 'adapters')
-  train.export(config, workdir, out)
+  jobs.export(config, workdir, out)
   other = tiny_run_config(data_dir=config.data.data_dir)
   other.model.width = 64
-  with pytest.raises(train.UserError, match='trained for another model.*width: adapters 32'):
-    train.evaluate_workdir(other, str(tmp_path / 'eval'), adapters=out)
+  with pytest.raises(UserError, match='trained for another model.*width: adapters 32'):
+    jobs.evaluate_workdir(other, str(tmp_path / 'eval'), adapters=out)
 
 
 def test_conflicting_config_on_resume_is_refused(trained):
   config, workdir, _ = trained
   changed = tiny_run_config(data_dir=config.data.data_dir)
   changed.model.adapter.bottleneck = 4
-  with pytest.raises(train.UserError, match=r'model\.adapter\.bottleneck: 8 -> 4'):
+  with pytest.raises(UserError, match=r'model\.adapter\.bottleneck: 8 -> 4'):
     train.train_and_evaluate(changed, workdir)
 
 
@@ -118,9 +120,9 @@ def test_gradient_accumulation_matches_the_large_batch(data_dir):
   for accum in (1, 2):
     config = tiny_run_config(data_dir=data_dir, accum_steps=accum)
     config.model.adapter.dropout = 0.0
-    run = train.Run(config, 1437)
-    state = run.initial_state()
-    step = run.jit_train_step()
+    trainer = train.Trainer(train.Run(config))
+    state = trainer.initial_state()
+    step = trainer.jit_train_step()
     images = jax.random.normal(jax.random.key(0), (32, 16, 16, 3))
     labels = np.arange(32) % 10
     micro = 32 // accum

@@ -3,11 +3,14 @@
 A model is described entirely by a ConfigDict, so the same dict drives building,
 checkpoint loading, the trainable mask and the workdir's saved config.
 """
-import difflib
+from typing import Any
 
 import ml_collections
 
 from adaptformer_jax.errors import ConfigError
+from adaptformer_jax.errors import did_you_mean
+from adaptformer_jax.models import methods
+from adaptformer_jax.models import vit
 
 # name: (patch, width, depth, heads, mlp_dim) -- ViT (Dosovitskiy et al.) and
 # "Scaling Vision Transformers" (Zhai et al.) Table 2.
@@ -21,17 +24,6 @@ PRESETS = {
     'vit_G14': (14, 1664, 48, 16, 8192),
 }
 
-# Each tuning method and the parameters it trains (regexes over '/'-joined paths,
-# full match). Methods combine with '+', e.g. 'adaptformer+vpt_deep'.
-TUNING_RULES = {
-    'full': ('.*',),
-    'linear': ('head/.*',),
-    'adaptformer': ('head/.*', r'block\d+/adapter/.*'),
-    'vpt_shallow': ('head/.*', 'prompts'),
-    'vpt_deep': ('head/.*', 'prompts'),
-    'lora': ('head/.*', r'block\d+/attn/lora_.*'),
-}
-
 CHOICES = {
     'pool': ('cls', 'gap'),
     'head': ('linear', 'bn_linear'),
@@ -40,36 +32,14 @@ CHOICES = {
     'dtype': ('float32', 'bfloat16'),
 }
 
-# model.remat: which activations each block keeps for the backward pass; the rest
-# is recomputed there. 'none' keeps whatever autodiff needs; 'block' only the block's
-# input (the block runs twice); 'dots' the matmul outputs, recomputing the LayerNorms,
-# softmax and GELU -- what adapter tuning wants: frozen matmuls need no saved inputs,
-# so it drops the large elementwise intermediates for little compute (RESULTS.md).
-# False and True are the older spellings of 'none' and 'block'.
-REMAT = {False: 'none', True: 'block', 'none': 'none', 'block': 'block', 'dots': 'dots'}
-
-
-def tuning_methods(model_cfg):
-  """The tuning string split into its methods, validated."""
-  methods = tuple(m.strip() for m in str(model_cfg.tuning).split('+'))
-  for m in methods:
-    if m not in TUNING_RULES:
-      raise ConfigError(
-          f'model.tuning: unknown method {m!r}{_did_you_mean(m, TUNING_RULES)}; '
-          f"allowed: {', '.join(TUNING_RULES)} (combine with '+').")
-  if 'vpt_shallow' in methods and 'vpt_deep' in methods:
-    raise ConfigError("model.tuning: choose one of 'vpt_shallow' and 'vpt_deep'.")
-  return methods
-
-
-def preset(name, **overrides):
+def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """A model ConfigDict for preset `name`, with top-level or nested overrides.
 
   Nested sections take dicts: `preset('vit_b16', adapter=dict(bottleneck=16))`.
   """
   if name not in PRESETS:
     raise ConfigError(
-        f'model.name: unknown preset {name!r}{_did_you_mean(name, PRESETS)}; '
+        f'model.name: unknown preset {name!r}{did_you_mean(name, PRESETS)}; '
         f"allowed: {', '.join(PRESETS)}.")
   patch, width, depth, heads, mlp_dim = PRESETS[name]
   cfg = ml_collections.ConfigDict(dict(
@@ -85,14 +55,14 @@ def preset(name, **overrides):
       # Regexes over parameter paths that train; empty = the tuning method's.
       trainable=(),
       dtype='float32',  # compute dtype; parameters stay float32
-      # 'none' | 'block' | 'dots' or False | True, see REMAT; untyped, so both
+      # 'none' | 'block' | 'dots' or False | True, see vit.REMAT; untyped, so both
       # `--config.model.remat=dots` and `=True` parse.
       remat=ml_collections.FieldReference(False, field_type=object),
   ))
   for key, value in overrides.items():
     if key not in cfg:
       raise ConfigError(
-          f'model: unknown field {key!r}{_did_you_mean(key, cfg)}; '
+          f'model: unknown field {key!r}{did_you_mean(key, cfg)}; '
           f"allowed: {', '.join(sorted(cfg.keys()))}.")
     if isinstance(cfg[key], ml_collections.ConfigDict):
       for sub, sub_value in dict(value).items():
@@ -106,7 +76,7 @@ def preset(name, **overrides):
   return cfg
 
 
-def _assign(cfg, key, value):
+def _assign(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
   # ConfigDict locks a field's type on creation; scale may be a float or 'learnable'.
   if key == 'scale' or key == 'trainable':
     with cfg.ignore_type():
@@ -115,7 +85,7 @@ def _assign(cfg, key, value):
     cfg[key] = value
 
 
-def validate(cfg):
+def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the field and its allowed values."""
   if cfg.name not in PRESETS:
     preset(cfg.name)  # raises the unknown-preset error
@@ -126,9 +96,9 @@ def validate(cfg):
     if value not in allowed:
       raise ConfigError(f'model.{field}: {value!r} is not one of '
                         f"{', '.join(map(repr, allowed))}.")
-  if not (isinstance(cfg.remat, (bool, str)) and cfg.remat in REMAT):
+  if not (isinstance(cfg.remat, (bool, str)) and cfg.remat in vit.REMAT):
     raise ConfigError(f'model.remat: {cfg.remat!r} is not one of '
-                      f"{', '.join(map(repr, REMAT))}.")
+                      f"{', '.join(map(repr, vit.REMAT))}.")
   if cfg.image_size <= 0 or cfg.image_size % cfg.patch_size:
     raise ConfigError(
         f'model.image_size: {cfg.image_size} is not a positive multiple of the '
@@ -153,16 +123,11 @@ def validate(cfg):
     raise ConfigError(f'model.vpt.num_tokens: must be > 0, got {cfg.vpt.num_tokens}.')
   if cfg.lora.rank <= 0:
     raise ConfigError(f'model.lora.rank: must be > 0, got {cfg.lora.rank}.')
-  tuning_methods(cfg)
+  methods.parse(cfg.tuning)
 
 
-def build(model_cfg):
+def build(model_cfg: ml_collections.ConfigDict) -> vit.VisionTransformer:
   """The Flax module for a model ConfigDict (validated first)."""
-  from adaptformer_jax.models import vit  # pylint: disable=g-import-not-at-top
   validate(model_cfg)
   return vit.VisionTransformer(cfg=ml_collections.FrozenConfigDict(model_cfg))
 
-
-def _did_you_mean(name, choices):
-  close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
-  return f' (did you mean {close[0]!r}?)' if close else ''

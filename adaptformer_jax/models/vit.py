@@ -9,15 +9,23 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from adaptformer_jax.models import methods
 from adaptformer_jax.models import peft_layers
-from adaptformer_jax.models import presets
 
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
 # torch.nn.GELU() is the exact erf form.
 gelu = functools.partial(nn.gelu, approximate=False)
 dense_init = nn.initializers.xavier_uniform()
-# presets.REMAT's policies: what nn.remat may save (None: nothing but the block's input).
+# model.remat: which activations each block keeps for the backward pass; the rest
+# is recomputed there. 'none' keeps whatever autodiff needs; 'block' only the block's
+# input (the block runs twice); 'dots' the matmul outputs, recomputing the LayerNorms,
+# softmax and GELU -- what adapter tuning wants: frozen matmuls need no saved inputs,
+# so it drops the large elementwise intermediates for little compute (RESULTS.md).
+# False and True are the older spellings of 'none' and 'block'.
+REMAT = {False: 'none', True: 'block', 'none': 'none', 'block': 'block', 'dots': 'dots'}
+# What nn.remat may save under each policy (None: nothing but the block's input).
 REMAT_POLICIES = {
     'block': None,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -26,16 +34,17 @@ REMAT_POLICIES = {
 
 class Attention(nn.Module):
   """Multi-head self-attention with fused qkv (bias on) and optional LoRA on q, v."""
-  cfg: dict
+  cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
+  lora: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     heads = self.cfg.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    if 'lora' in presets.tuning_methods(self.cfg):
+    if self.lora:
       lora = functools.partial(peft_layers.LoRA, d, self.cfg.lora.rank,
                                self.cfg.lora.alpha, self.dtype)
       q = q + lora(name='lora_q')(x)
@@ -47,11 +56,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  cfg: dict
+  """fc1 -> exact GELU -> fc2."""
+  cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     h = nn.Dense(self.cfg.mlp_dim, dtype=self.dtype, kernel_init=dense_init,
                  name='fc1')(x)
     return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init,
@@ -59,16 +69,18 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block with an optional AdaptMLP branch."""
-  cfg: dict
+  """Pre-LN transformer block with an optional AdaptMLP branch and LoRA attention."""
+  cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
+  adapter: bool = False
+  lora: bool = False
 
   @nn.compact
-  def __call__(self, x, train=False):
-    x = x + Attention(self.cfg, self.dtype, name='attn')(
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x + Attention(self.cfg, self.dtype, self.lora, name='attn')(
         LayerNorm(dtype=self.dtype, name='norm1')(x))
     adapter = None
-    if 'adaptformer' in presets.tuning_methods(self.cfg):
+    if self.adapter:
       a = self.cfg.adapter
       adapter = peft_layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
                                      self.dtype, name='adapter')
@@ -84,10 +96,10 @@ class Block(nn.Module):
 
 class Head(nn.Module):
   """Linear classifier, optionally after a parameter-free BatchNorm (MAE linear-probe head)."""
-  cfg: dict
+  cfg: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.cfg.head == 'bn_linear':
       # torch BatchNorm1d(affine=False, eps=1e-6, momentum=0.1).
       x = nn.BatchNorm(use_running_average=not train, use_bias=False,
@@ -98,14 +110,17 @@ class Head(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """ViT classifier; `cfg` is a model ConfigDict from `presets.preset`."""
-  cfg: dict
+  """ViT classifier; `cfg` is a model ConfigDict from `presets.preset`.
+
+  The tuning method is parsed here, once; the blocks get plain booleans.
+  """
+  cfg: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, images, train=False):
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
-    methods = presets.tuning_methods(cfg)
+    tuning = methods.parse(cfg.tuning)
     p = cfg.patch_size
     x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
                 kernel_init=dense_init, name='embedding')(images)
@@ -117,24 +132,23 @@ class VisionTransformer(nn.Module):
                      (1, x.shape[1], cfg.width))
     x = x + pos.astype(x.dtype)
 
-    vpt = 'vpt_deep' if 'vpt_deep' in methods else (
-        'vpt_shallow' if 'vpt_shallow' in methods else None)
+    vpt = tuning.vpt
     n_prompt = cfg.vpt.num_tokens
     if vpt:
       prompts = self.param('prompts', peft_layers.prompt_init,
-                           (cfg.depth if vpt == 'vpt_deep' else 1, n_prompt, cfg.width))
+                           (cfg.depth if vpt == 'deep' else 1, n_prompt, cfg.width))
       add_prompts = lambda x, i: jnp.concatenate(
           [jnp.broadcast_to(prompts[i], (b, n_prompt, cfg.width)).astype(x.dtype), x], 1)
 
-    remat = presets.REMAT[cfg.remat]
+    remat = REMAT[cfg.remat]
     block = Block if remat == 'none' else nn.remat(
         Block, static_argnums=(2,), policy=REMAT_POLICIES[remat])
     for i in range(cfg.depth):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
-      if vpt == 'vpt_deep' or (vpt == 'vpt_shallow' and i == 0):
-        x = add_prompts(x, i if vpt == 'vpt_deep' else 0)
-      x = block(cfg, dtype, name=f'block{i}')(x, train)
-      if vpt == 'vpt_deep' or (vpt == 'vpt_shallow' and i == cfg.depth - 1):
+      if vpt == 'deep' or (vpt == 'shallow' and i == 0):
+        x = add_prompts(x, i if vpt == 'deep' else 0)
+      x = block(cfg, dtype, tuning.adaptformer, tuning.lora, name=f'block{i}')(x, train)
+      if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
 
     if cfg.pool == 'cls':
