@@ -14,7 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m adaptformer_jax.main --config configs/demo.py --workdir runs/demo
+	$(PY) -m adaptformer_jax.demo --config configs/demo.py --workdir runs/demo
 
 # pytest exits 5 when it collects no tests, which fails this target.
 test: install

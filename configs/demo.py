@@ -1,6 +1,7 @@
 """Offline transfer demo on scikit-learn's digits: pre-train on 0-4, adapt to 5-9.
 
-`make demo` runs it; every method gets its own learning rate (tuned, not handicapped).
+`make demo` runs it (`python -m adaptformer_jax.demo --config configs/demo.py`); every
+method gets its own learning rate (tuned, not handicapped).
 """
 import ml_collections
 
@@ -15,7 +16,6 @@ def get_config(arg=None):
                         adapter=dict(bottleneck=8), vpt=dict(num_tokens=4))
   config = recipes.base(model, 'sklearn_digits/classes_5to9',
                         train_pp='pad_crop', eval_pp='resize', normalize='none')
-  config.experiment = 'transfer'
   config.batch_size = 64
   config.eval_batch_size = 128
   config.num_train_steps = 300

@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny models that compile in seconds on a 2-core CPU."""
+import importlib.util
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -39,6 +40,15 @@ def tiny_run_config(tuning='adaptformer', data_dir=None, **overrides):
   config.progress = False
   config.update(overrides)
   return config
+
+
+def shipped_config(name, arg=None):
+  """`configs/<name>.py`'s get_config(arg), loaded as the CLI loads it (by path)."""
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 @pytest.fixture(scope='session')

@@ -1,4 +1,4 @@
-"""The offline transfer experiment behind `make demo`.
+"""The offline transfer experiment behind `make demo`: `python -m adaptformer_jax.demo`.
 
 No pretrained weights can be downloaded everywhere, so the backbone is first
 pre-trained on one half of the classes, then adapted to the other half with
@@ -6,28 +6,36 @@ each tuning method; the table compares accuracy and trainable parameters.
 """
 import copy
 import json
-import logging
 import os
+from typing import Any
 
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from adaptformer_jax import cli
 from adaptformer_jax import train
 
 
-def _single_run(config, tuning, base_lr):
+def _single_run(config: ml_collections.ConfigDict, tuning: str,
+                base_lr: float) -> ml_collections.ConfigDict:
   """`config` without the experiment's own fields, for one run of `tuning`."""
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
-    del cfg.experiment, cfg.pretrain, cfg.methods
+    del cfg.pretrain, cfg.methods
   cfg.model.tuning = tuning
   cfg.optimizer.base_lr = base_lr
   return cfg
 
 
-def method_config(config, method):
+def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
   """The adaptation run for `method`: its own tuning and learning rate."""
   return _single_run(config, method, config.methods[method])
 
 
-def pretrain_config(config):
+def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The backbone run: every parameter trains on the pre-training classes."""
   cfg = _single_run(config, 'full', config.pretrain.base_lr)
   cfg.data.name = config.pretrain.data_name
@@ -36,7 +44,7 @@ def pretrain_config(config):
   return cfg
 
 
-def run(config, workdir):
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pre-trains, adapts with every method, prints the table, writes summary.json."""
   pre_cfg, pre_dir = pretrain_config(config), os.path.join(workdir, 'pretrain')
   pre = train.train_and_evaluate(pre_cfg, pre_dir)
@@ -63,3 +71,18 @@ def run(config, workdir):
   print('\n'.join(lines))
   logging.info('Wrote %s', os.path.join(workdir, 'summary.json'))
   return summary
+
+
+def _main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  cli.run(lambda: run(cli.loaded_config(CONFIG), WORKDIR.value))
+
+
+if __name__ == '__main__':
+  # Defined here, not on import, so that tests can import this module beside `main`.
+  CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
+                                           'The experiment config.')
+  WORKDIR = flags.DEFINE_string('workdir', 'runs/demo',
+                                'Directory for the runs and summary.json.')
+  app.run(_main, flags_parser=cli.parse_flags)

@@ -1,25 +1,21 @@
-"""The offline transfer experiment behind `make demo`, at a few steps."""
+"""The offline transfer experiment behind `make demo` (adaptformer_jax.demo), at a few steps."""
 import json
-import os
-import sys
 
 import ml_collections
 
-from adaptformer_jax import transfer
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
-import demo  # noqa: E402  pylint: disable=g-import-not-at-top
+from adaptformer_jax import demo
+from conftest import shipped_config
 
 
 def test_pretrains_adapts_each_method_and_writes_the_summary(tmp_path, data_dir, capsys):
-  config = demo.get_config()
+  config = shipped_config('demo')
   config.data.data_dir = data_dir
   config.progress = False
   config.num_train_steps = 6
   config.warmup_steps = 1
   config.pretrain.num_train_steps = 8
   config.methods = ml_collections.ConfigDict(dict(adaptformer=2.0, linear=2.0))
-  summary = transfer.run(config, str(tmp_path))
+  summary = demo.run(config, str(tmp_path))
 
   with open(tmp_path / 'summary.json') as f:
     assert json.load(f) == summary
@@ -35,10 +31,10 @@ def test_pretrains_adapts_each_method_and_writes_the_summary(tmp_path, data_dir,
 
 
 def test_adaptation_runs_start_from_the_backbone_with_their_own_learning_rate():
-  config = demo.get_config()
-  cfg = transfer.method_config(config, 'vpt_deep')
+  config = shipped_config('demo')
+  cfg = demo.method_config(config, 'vpt_deep')
   assert cfg.model.tuning == 'vpt_deep'
   assert cfg.optimizer.base_lr == config.methods.vpt_deep
-  assert 'pretrain' not in cfg and 'experiment' not in cfg
-  pre = transfer.pretrain_config(config)
+  assert 'pretrain' not in cfg and 'methods' not in cfg
+  pre = demo.pretrain_config(config)
   assert pre.model.tuning == 'full' and pre.data.name == config.pretrain.data_name
