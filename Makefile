@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo backbone test bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 demo: install
 	$(PY) -m adaptformer_jax.demo --config configs/demo.py --workdir runs/demo
+
+# Rebuilds the shipped demo backbone (adaptformer_jax/assets/demo_backbone.md): ~25 min on 2 cores.
+backbone: install
+	$(PY) -m adaptformer_jax.main --config configs/backbone.py --workdir runs/backbone
+	$(PY) -m adaptformer_jax.main --mode export --workdir runs/backbone --out runs/backbone/export
+	cp runs/backbone/export/adapter.safetensors adaptformer_jax/assets/demo_backbone.safetensors
+	sha256sum adaptformer_jax/assets/demo_backbone.safetensors
 
 # pytest exits 5 when it collects no tests, which fails this target.
 test: install

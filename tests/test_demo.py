@@ -1,40 +1,70 @@
 """The offline transfer experiment behind `make demo` (adaptformer_jax.demo), at a few steps."""
 import json
+import statistics
 
 import ml_collections
+import pytest
 
+from adaptformer_jax import assets
 from adaptformer_jax import demo
+from adaptformer_jax import train
 from conftest import shipped_config
 
 
-def test_pretrains_adapts_each_method_and_writes_the_summary(tmp_path, data_dir, capsys):
-  config = shipped_config('demo')
+def _short(config, data_dir, steps):
   config.data.data_dir = data_dir
-  config.progress = False
-  config.num_train_steps = 6
+  config.num_train_steps = steps
   config.warmup_steps = 1
-  config.pretrain.num_train_steps = 8
-  config.methods = ml_collections.ConfigDict(dict(adaptformer=2.0, linear=2.0))
+  return config
+
+
+def test_adapts_the_shipped_backbone_over_seeds_and_writes_the_summary(tmp_path, data_dir,
+                                                                       capsys):
+  config = _short(shipped_config('demo'), data_dir, steps=30)
+  assert config.init_from == assets.DEMO_BACKBONE
+  config.seeds = (0, 1)
+  config.methods = ml_collections.ConfigDict(dict(linear=4.0, adaptformer=1.0))
   summary = demo.run(config, str(tmp_path))
 
   with open(tmp_path / 'summary.json') as f:
     assert json.load(f) == summary
   methods = summary['methods']
   assert set(methods) == {'adaptformer', 'linear'}
-  # The adapted runs start from the pre-trained backbone, with fresh heads.
-  assert all(0.0 <= m['top1'] <= 1.0 for m in methods.values())
-  assert methods['linear']['trainable_params'] == 64 * 5 + 5
-  assert methods['linear']['trainable_params'] < methods['adaptformer']['trainable_params']
+  for m in methods.values():
+    assert len(m['top1_seeds']) == 2 and m['top1_seeds'][0] != m['top1_seeds'][1]
+    assert m['top1'] == pytest.approx(statistics.mean(m['top1_seeds']))
+    assert m['top1_std'] == pytest.approx(statistics.stdev(m['top1_seeds']))
+  # 30 steps of a linear probe on the pre-trained features already read most digits
+  # (chance is 0.1): the runs start from the shipped backbone, not from random weights.
+  assert methods['linear']['top1'] > 0.7
+  assert methods['linear']['trainable_params'] == 128 * 10 + 10
   assert methods['adaptformer']['trainable_params'] < 0.05 * methods['adaptformer']['total_params']
   table = capsys.readouterr().out.splitlines()
   assert table[-2].startswith('linear') and table[-1].startswith('adaptformer')
 
 
-def test_adaptation_runs_start_from_the_backbone_with_their_own_learning_rate():
+def test_sweep_chooses_learning_rates_on_the_validation_split_only(tmp_path, monkeypatch):
+  seen = []
+
+  def fake_train(cfg, workdir):
+    del workdir
+    seen.append((cfg.data.train_split, cfg.data.eval_split, cfg.seed))
+    return {'top1': {0.5: 0.8, 1.0: 0.9, 2.0: 0.7}[cfg.optimizer.base_lr]}
+
+  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
   config = shipped_config('demo')
-  cfg = demo.method_config(config, 'vpt_deep')
-  assert cfg.model.tuning == 'vpt_deep'
-  assert cfg.optimizer.base_lr == config.methods.vpt_deep
-  assert 'pretrain' not in cfg and 'methods' not in cfg
-  pre = demo.pretrain_config(config)
-  assert pre.model.tuning == 'full' and pre.data.name == config.pretrain.data_name
+  config.sweep.base_lrs = ml_collections.ConfigDict(dict(adaptformer=(0.5, 1.0, 2.0)))
+  results = demo.sweep(config, str(tmp_path))
+  assert results == {'adaptformer': {'0.5': 0.8, '1.0': 0.9, '2.0': 0.7}}
+  assert set(seen) == {('train[:80%]', 'train[80%:]', 0)}
+  with open(tmp_path / 'sweep.json') as f:
+    assert json.load(f) == results
+
+
+def test_each_run_gets_its_method_learning_rate_and_seed():
+  config = shipped_config('demo')
+  cfg = demo.method_config(config, 'vpt_deep', seed=2)
+  assert (cfg.model.tuning, cfg.optimizer.base_lr, cfg.seed) == (
+      'vpt_deep', config.methods.vpt_deep, 2)
+  assert not {'methods', 'seeds', 'sweep'} & set(cfg.keys())
+  assert demo.method_config(config, 'full', seed=0, base_lr=0.3).optimizer.base_lr == 0.3
