@@ -1,11 +1,14 @@
 """Loading pretrained ViT checkpoints into this project's parameter tree.
 
-`load` reads the official AdaptFormer / MAE / timm PyTorch checkpoints,
-big_vision (AugReg) `.npz` files and this project's own exports, and returns
-variables shaped exactly like `models.build(cfg).init(...)`. Layouts are told
-apart by their keys, so users never name the format. Anything that would load
-silently wrong (missing backbone weights, leftover keys, wrong shapes) is one
-UserError listing every offending key.
+`load` reads the official AdaptFormer / MAE / timm PyTorch checkpoints (timm's
+DINOv2, CLIP and SigLIP included), DINOv2's and OpenCLIP's own state dicts,
+big_vision (AugReg, SigLIP) `.npz` files -- training checkpoints too -- and this
+project's own exports, and returns variables shaped exactly like
+`models.build(cfg).init(...)`. Layouts are told apart by their keys, so users
+never name the format. Anything that would load silently wrong (missing backbone
+weights, leftover keys, wrong shapes, an ambiguous final norm) is one UserError
+listing every offending key: only head, adapter, LoRA and prompt leaves may start
+fresh, and one log line per load says how many leaves came from where.
 """
 import argparse
 import logging
@@ -34,7 +37,11 @@ _TORCH_MODULES = (
     (r'blocks\.(\d+)\.(?:mlp\.)?(fc[12])', r'block\1/mlp/\2', 'linear'),
     (r'blocks\.(\d+)\.adaptmlp\.(down|up)_proj', r'block\1/adapter/\2', 'linear'),
     (r'blocks\.(\d+)\.adaptmlp\.adapter_layer_norm_before', r'block\1/adapter/norm', 'ln'),
-    (r'(norm|fc_norm)', r'\1', 'ln'),
+    (r'(norm|fc_norm|norm_pre)', r'\1', 'ln'),
+    (r'attn_pool\.(q|kv)', r'map_head/\1', 'linear'),  # timm AttentionPoolLatent
+    (r'attn_pool\.proj', 'map_head/out', 'linear'),
+    (r'attn_pool\.norm', 'map_head/norm', 'ln'),
+    (r'attn_pool\.mlp\.(fc[12])', r'map_head/mlp/\1', 'linear'),
     (r'head(?:\.1)?', 'head/linear', 'linear'),
     (r'head\.0', 'head/bn', 'bn'),
 )
@@ -46,9 +53,30 @@ _TORCH_PARAMS = {
 }
 _TORCH_LEAVES = ((r'cls_token', 'cls'), (r'pos_embed', 'pos_embedding'),
                  (r'blocks\.(\d+)\.adaptmlp\.scale', r'block\1/adapter/scale'),
+                 (r'blocks\.(\d+)\.ls([12])\.gamma', r'block\1/ls\2'),  # LayerScale
+                 (r'blocks\.(\d+)\.attn\.([qv])_bias', r'block\1/attn/\2_bias'),
+                 (r'reg_token|register_tokens', 'registers'),  # timm | DINOv2
+                 (r'attn_pool\.latent', 'map_head/probe'),
                  (r'prompts', 'prompts'))  # stacked from the official `embeddings.N`
-# Pretraining-only parts of MAE checkpoints, and BatchNorm's step counter.
+# Pretraining-only parts of MAE/DINOv2 checkpoints, and BatchNorm's step counter.
 _TORCH_IGNORED = re.compile(r'decoder_.*|mask_token|.*\.num_batches_tracked')
+
+# OpenCLIP / OpenAI CLIP image tower (`visual.*`) -> timm names; the rest is the text
+# tower. OpenCLIP models built on a timm trunk (SigLIP) hold `visual.trunk.<timm name>`.
+_OPENCLIP_NAMES = (
+    (r'visual\.conv1\.', 'patch_embed.proj.'),
+    (r'visual\.class_embedding$', 'cls_token'),
+    (r'visual\.positional_embedding$', 'pos_embed'),
+    (r'visual\.ln_pre\.', 'norm_pre.'),
+    (r'visual\.ln_post\.', 'norm.'),
+    (r'visual\.proj$', 'head.weight'),
+    (r'visual\.transformer\.resblocks\.(\d+)\.ln_([12])\.', r'blocks.\1.norm\2.'),
+    (r'visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_', r'blocks.\1.attn.qkv.'),
+    (r'visual\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.', r'blocks.\1.attn.proj.'),
+    (r'visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.', r'blocks.\1.mlp.fc1.'),
+    (r'visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.', r'blocks.\1.mlp.fc2.'),
+    (r'visual\.transformer\.resblocks\.(\d+)\.ls_([12])\.', r'blocks.\1.ls\2.'),
+)
 
 # big_vision / vit_jax names (AugReg uses LayerNorm_0/2, MlpBlock_3; big_vision LayerNorm_0/1).
 _BV_MODULES = (
@@ -60,24 +88,36 @@ _BV_MODULES = (
     (r'Transformer/encoderblock_(\d+)/MlpBlock_\d/Dense_0', r'block\1/mlp/fc1'),
     (r'Transformer/encoderblock_(\d+)/MlpBlock_\d/Dense_1', r'block\1/mlp/fc2'),
     (r'Transformer/encoder_norm', 'norm'),
+    (r'MAPHead_0/MultiHeadDotProductAttention_0/(q|kv|out)', r'map_head/\1'),
+    (r'MAPHead_0/LayerNorm_0', 'map_head/norm'),
+    (r'MAPHead_0/MlpBlock_0/Dense_0', 'map_head/mlp/fc1'),
+    (r'MAPHead_0/MlpBlock_0/Dense_1', 'map_head/mlp/fc2'),
+    (r'pre_logits', 'pre_logits'),
     (r'head', 'head/linear'),
 )
-_BV_LEAVES = ((r'cls', 'cls'), (r'(?:Transformer/posembed_input/)?pos_embedding', 'pos_embedding'))
+_BV_LEAVES = ((r'cls', 'cls'), (r'(?:Transformer/posembed_input/)?pos_embedding', 'pos_embedding'),
+              (r'MAPHead_0/probe', 'map_head/probe'))
+# Where the model lives in a big_vision / vit_jax file: a bare model, a training
+# checkpoint (params/ next to opt/), an old vit_jax one (opt/target/), a two-tower
+# image tower (params/img/, SigLIP / LiT).
+_BV_PREFIXES = ('params/img/', 'opt/target/', 'params/', '')
 
 
 def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
   """Variables for `models.build(model_cfg)` with the weights of checkpoint `path`.
 
   Args:
-    path: a PyTorch `.pth` (official AdaptFormer, MAE, timm), a `.safetensors`
-      (timm, or this project's '/'-keyed export), a big_vision `.npz`, or an
-      orbax checkpoint directory holding 'params' (and 'batch_stats').
+    path: a PyTorch `.pth` (official AdaptFormer, MAE, timm, DINOv2, OpenCLIP), a
+      `.safetensors` (timm, or this project's '/'-keyed export), a big_vision
+      `.npz` (a bare model or a training checkpoint), or an orbax checkpoint
+      directory holding 'params' (and 'batch_stats').
     model_cfg: the model ConfigDict; the result matches its `init` tree exactly.
     init_variables: values for the leaves the checkpoint lacks (adapters, LoRA,
-      prompts, head). For this project's own exports, which may hold only the
-      trained leaves, every missing leaf comes from here (e.g. a loaded backbone).
+      prompts, head). An export of this project that holds no backbone leaf at
+      all (an adapter export) takes the whole backbone from here.
     rng: used to init those leaves when `init_variables` is None (default key 0).
     strict: if False, checkpoint keys the model has no place for are a warning.
+      It never lets a backbone leaf start fresh.
 
   Returns:
     {'params': ..., 'batch_stats': ... (bn_linear head only)} of numpy arrays.
@@ -89,24 +129,26 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
       jax.eval_shape(model.init, jax.random.key(0), dummy), sep='/')
 
   flat, kind = _read(path)
-  layout, converted = _convert(path, flat, kind)
-  # MAE's convention: a gap model drops the pretrained final norm; fc_norm starts fresh.
-  mae_gap = (model_cfg.pool == 'gap' and 'params/norm/scale' in converted
-             and 'params/fc_norm/scale' not in converted)
-  if mae_gap:
-    logger.info('%s: the final norm is unused with pool=gap; fc_norm keeps its '
-                'initial (identity) value, as in MAE.', path)
+  layout, converted, ignored = _convert(path, flat, kind)
+  fresh_why = {}  # our path -> why it keeps its initial value
+  if _mae_final_norm(path, model_cfg, converted, layout):
     converted = {k: v for k, v in converted.items() if not k.startswith('params/norm/')}
-  loaded, problems = _match(converted, target)
+    ignored['final norm (MAE convention with pool=gap)'] = 2
+    fresh_why.update({k: 'fc_norm (MAE: starts at identity)' for k in target
+                      if k.startswith('params/fc_norm/')})
+  loaded, problems = _match(converted, target, model_cfg.posemb_resample, fresh_why)
   missing = sorted(set(target) - set(loaded))
-  own_export = layout == 'this project'
-  if not (own_export and init_variables is not None):
-    mismatched = {k for k, _ in problems['shape mismatches (checkpoint vs model)']}
-    problems['missing from the checkpoint'] = [
-        (k, f'{k} {tuple(target[k].shape)}') for k in missing if not (
-            k in mismatched or methods.FRESH_ON_LOAD.fullmatch(k)
-            or (mae_gap and k.startswith('params/fc_norm/')))]
-  _raise_or_warn(path, problems, strict, converted, model_cfg, own_export)
+  backbone = [k for k in target if not methods.FRESH_ON_LOAD.fullmatch(k)]
+  # An adapter export holds no backbone leaf: the backbone comes from init_variables.
+  backbone_elsewhere = (layout == 'this project' and init_variables is not None
+                        and not any(k in loaded for k in backbone))
+  mismatched = {k for k, _ in problems['shape mismatches (checkpoint vs model)']}
+  problems['missing from the checkpoint'] = [
+      (k, f'{k} {tuple(target[k].shape)}') for k in missing
+      if not (k in mismatched or methods.FRESH_ON_LOAD.fullmatch(k) or k in fresh_why
+              or backbone_elsewhere)]
+  ignored['unexpected keys (strict=False)'] = len(problems['unexpected in the checkpoint'])
+  _raise_or_warn(path, problems, strict, converted, model_cfg, layout == 'this project')
 
   if missing:
     if init_variables is None:
@@ -115,29 +157,112 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
     if set(fresh) != set(target):
       raise ValueError('init_variables do not match the model tree: '
                        f'{sorted(set(fresh) ^ set(target))[:5]}')
-    logger.info('%s: %d leaves not in the checkpoint keep their initial values: %s',
-                path, len(missing), _summarise(missing))
     loaded.update({k: fresh[k] for k in missing})
+  _log_load(path, layout, backbone, missing, fresh_why, ignored, backbone_elsewhere,
+            _posemb_note(converted, target, model_cfg.posemb_resample))
   out = {k: np.asarray(loaded[k], target[k].dtype) for k in target}
   return flax.traverse_util.unflatten_dict(out, sep='/')
 
 
-def resample_posemb(posemb, new_grid):
-  """Bilinearly resizes the patch grid of a (1, 1 + h*w, D) position embedding.
+def _mae_final_norm(path, model_cfg, converted, layout):
+  """Whether pool='gap' drops the checkpoint's final norm, as MAE fine-tuning does.
 
-  The class-token row is kept as is; the old grid must be square. `new_grid` is
-  a side length or an (h, w) pair.
+  A final norm without fc_norm means either "norm, then pool" (timm fc_norm=False,
+  big_vision gap) or an MAE-style backbone whose fine-tuning starts fc_norm fresh.
+  A backbone without a classifier is taken as the latter; a checkpoint with a head
+  was trained on the normed features, so pool='gap' would silently change them.
+  """
+  if not (model_cfg.pool == 'gap' and 'params/norm/scale' in converted
+          and 'params/fc_norm/scale' not in converted):
+    return False
+  if any(k.startswith('params/head/') for k in converted) or layout == 'big_vision':
+    raise UserError(
+        f"{path}: the checkpoint normalises before its head (final norm, no fc_norm), "
+        "but model.pool='gap' averages first and normalises with a fresh fc_norm. "
+        "Choose model.pool='gap_prenorm' (norm, then the mean: timm global_pool='avg' "
+        "with fc_norm=False, big_vision pool_type='gap') or model.pool='cls' (the class "
+        'token after the norm).')
+  return True
+
+
+def _posemb_note(converted, target, method):
+  """'; position embedding 28x28 -> 4x4 (bicubic)' when it was resampled."""
+  if 'params/pos_embedding' not in converted or 'params/pos_embedding' not in target:
+    return ''
+  old = np.shape(converted['params/pos_embedding'][0])[1]
+  new = target['params/pos_embedding'].shape[1]
+  old, new = (math.isqrt(n - _class_rows(n)) for n in (old, new))
+  return f'; position embedding {old}x{old} -> {new}x{new} ({method})' if old != new else ''
+
+
+def _log_load(path, layout, backbone, missing, fresh_why, ignored, backbone_elsewhere,
+              note):
+  """The one line per load: where every leaf came from."""
+  missing = set(missing)
+  why = {}
+  for k in sorted(missing):
+    if k in fresh_why:
+      reason = fresh_why[k]
+    elif backbone_elsewhere and not methods.FRESH_ON_LOAD.fullmatch(k):
+      reason = 'backbone from init_variables'
+    else:
+      reason = next((name for pattern, name in _FRESH_KINDS if re.fullmatch(pattern, k)),
+                    'not in the checkpoint')
+    why[reason] = why.get(reason, 0) + 1
+  from_file = sum(k not in missing for k in backbone)
+  skipped = ', '.join(f'{n} {what}' for what, n in ignored.items() if n)
+  logger.info('%s (%s layout): %d of %d backbone leaves from the file; %d leaves fresh%s%s%s',
+              path, layout, from_file, len(backbone), len(missing),
+              f" ({', '.join(f'{n} {r}' for r, n in why.items())})" if why else '',
+              f'; ignored: {skipped}' if skipped else '', note)
+
+
+_FRESH_KINDS = (  # (our path, what it is) for the log line
+    (r'params/block\d+/adapter/.*', 'adapter'),
+    (r'params/block\d+/attn/lora_[qv]/.*', 'LoRA'),
+    (r'params/prompts', 'VPT prompts'),
+    (r'(params|batch_stats)/head/.*', 'head'),
+)
+
+
+def resample_posemb(posemb, new_grid, method='bicubic'):
+  """Resizes the patch grid of a (1, [1 +] h*w, D) position embedding.
+
+  A class-token row (when the token count is not a square) is kept as is; the
+  old grid must be square. `new_grid` is a side length or an (h, w) pair.
+  `method` follows the checkpoint family's own loader: 'bicubic' as timm
+  (antialiased when shrinking, torch's F.interpolate(antialias=True)), 'bilinear'
+  as big_vision (scipy.ndimage.zoom(order=1): corners aligned, no antialiasing).
   """
   new_h, new_w = (new_grid, new_grid) if np.ndim(new_grid) == 0 else new_grid
-  cls, grid = posemb[:, :1], posemb[0, 1:]
+  tokens = posemb.shape[1]
+  prefix = 0 if math.isqrt(tokens) ** 2 == tokens else 1
+  head, grid = np.asarray(posemb[:, :prefix], np.float32), np.asarray(posemb[0, prefix:])
   side = math.isqrt(grid.shape[0])
   if side * side != grid.shape[0]:
     raise UserError(f'pos_embedding: {grid.shape[0]} patch positions do not form a '
                     'square grid, so they cannot be resampled to the model image size.')
-  grid = jax.image.resize(jnp.asarray(grid, jnp.float32).reshape(side, side, -1),
-                          (new_h, new_w, grid.shape[-1]), method='bilinear')
-  return jnp.concatenate([jnp.asarray(cls, jnp.float32),
-                          grid.reshape(1, new_h * new_w, -1)], axis=1)
+  grid = grid.astype(np.float32).reshape(side, side, -1)
+  if method == 'bicubic':
+    grid = np.asarray(jax.image.resize(grid, (new_h, new_w, grid.shape[-1]), 'bicubic',
+                                       antialias=True))
+  elif method == 'bilinear':
+    rows, cols = _aligned_linear(side, new_h), _aligned_linear(side, new_w)
+    grid = np.einsum('ia,jb,abd->ijd', rows, cols, grid.astype(np.float64))
+  else:
+    raise ValueError(f'resample_posemb: unknown method {method!r}')
+  return np.concatenate([head, grid.reshape(1, new_h * new_w, -1).astype(np.float32)], 1)
+
+
+def _aligned_linear(old, new):
+  """(new, old) linear-interpolation weights mapping first to first, last to last."""
+  pos = np.arange(new) * ((old - 1) / (new - 1) if new > 1 else 0.0)
+  lo = np.clip(np.floor(pos).astype(int), 0, max(old - 2, 0))
+  frac = pos - lo
+  weights = np.zeros((new, old))
+  weights[np.arange(new), lo] = 1 - frac
+  weights[np.arange(new), np.minimum(lo + 1, old - 1)] += frac
+  return weights
 
 
 # ---------------------------------------------------------------- reading files
@@ -269,18 +394,48 @@ def _read_orbax(path):
 
 
 def _convert(path, flat, kind):
-  """(layout, {our path: (array, 'checkpoint key (stored shape)')}) from raw keys."""
+  """(layout, {our path: (array, 'checkpoint key (stored shape)')}, {ignored: count})."""
   keys = list(flat)
+  if any(re.match(r'(.*/)?Transformer/encoderblock(_\d+)?/', k) for k in keys):
+    return ('big_vision',) + _convert_big_vision(flat)
   if kind == 'orbax' or any(k.startswith(('params/', 'batch_stats/')) for k in keys):
-    return 'this project', {k: (v, _described(k, v)) for k, v in flat.items()}
-  if any(k.startswith('Transformer/encoderblock_') for k in keys):
-    return 'big_vision', _convert_big_vision(flat)
+    return 'this project', {k: (v, _described(k, v)) for k, v in flat.items()}, {}
+  if any(k.startswith('visual.') for k in keys):
+    flat, ignored = _openclip_to_timm(flat)
+    return 'OpenCLIP', _convert_torch(flat), ignored
   if any(k.startswith(('blocks.', 'patch_embed.')) for k in keys):
-    return 'torch', _convert_torch(flat)
+    ignored = sum(bool(_TORCH_IGNORED.fullmatch(k)) for k in keys)
+    return 'timm', _convert_torch(flat), {'pretraining-only keys': ignored}
   raise UserError(
       f'{path}: unknown checkpoint layout (first keys: {sorted(keys)[:4]}); expected the '
-      'official AdaptFormer/MAE or timm ViT (blocks.N...), big_vision/AugReg '
-      '(Transformer/encoderblock_N/...) or this project (params/...) layout.')
+      'official AdaptFormer/MAE, timm or DINOv2 ViT (blocks.N...), OpenCLIP (visual.*), '
+      'big_vision/AugReg (Transformer/encoderblock_N/...) or this project (params/...) '
+      'layout.')
+
+
+def _openclip_to_timm(flat):
+  """An OpenCLIP / OpenAI CLIP state dict's image tower under timm's names."""
+  out, text_tower = {}, 0
+  for name, value in flat.items():
+    if not name.startswith('visual.'):
+      text_tower += 1
+      continue
+    if name.startswith('visual.trunk.'):  # OpenCLIP around a timm trunk (SigLIP): timm names
+      out[name[len('visual.trunk.'):]] = value
+      continue
+    for pattern, template in _OPENCLIP_NAMES:
+      if re.match(pattern, name):
+        name = re.sub(pattern, template, name, count=1)
+        break
+    if name == 'cls_token':  # (D,) -> (1, 1, D)
+      value = value.reshape(1, 1, -1)
+    elif name == 'pos_embed':  # (N, D) -> (1, N, D)
+      value = value[None]
+    elif name == 'head.weight':  # x @ proj, no bias
+      value = value.T
+      out['head.bias'] = np.zeros(value.shape[0], value.dtype)
+    out[name] = value
+  return out, {'text-tower keys': text_tower}
 
 
 def _rename(name, modules, params=None):
@@ -308,6 +463,11 @@ def _described(name, value):
 def _convert_torch(flat):
   flat = dict(flat)
   origin = {k: _described(k, v) for k, v in flat.items()}
+  # CLIP's patch embedding has no bias: a zero bias is the same function.
+  if 'patch_embed.proj.weight' in flat and 'patch_embed.proj.bias' not in flat:
+    weight = flat['patch_embed.proj.weight']
+    flat['patch_embed.proj.bias'] = np.zeros(weight.shape[0], weight.dtype)
+    origin['patch_embed.proj.bias'] = 'patch_embed.proj (no bias: zeros)'
   # Official AdaptFormer splits qkv into q_proj/k_proj/v_proj: fuse back, q|k|v order.
   for name in [k for k in flat if re.fullmatch(r'blocks\.\d+\.attn\.q_proj\.(weight|bias)', k)]:
     parts = [name.replace('q_proj', p) for p in ('q_proj', 'k_proj', 'v_proj')]
@@ -344,19 +504,34 @@ def _convert_torch(flat):
 
 
 def _convert_big_vision(flat):
-  flat = dict(flat)
-  origin = {k: _described(k, v) for k, v in flat.items()}
-  # Attention projections are (D, heads, head_dim) / (heads, head_dim, D): flatten and fuse.
-  for name in [k for k in flat if re.fullmatch(r'.*/MultiHeadDotProductAttention_\d/query/\w+', k)]:
-    parts = [name.replace('/query/', f'/{p}/') for p in ('query', 'key', 'value')]
-    if all(p in flat for p in parts):
-      fused = name.replace('/query/', '/qkv/')
-      arrays = [flat.pop(p) for p in parts]
-      flat[fused] = np.concatenate([a.reshape(a.shape[0], -1) if a.ndim == 3 else a.reshape(-1)
-                                    for a in arrays], axis=-1)
-      origin[fused] = f"{name.replace('/query/', '/{query,key,value}/')} 3x{arrays[0].shape}"
-  for name in [k for k in flat if re.fullmatch(r'.*/MultiHeadDotProductAttention_\d/out/kernel', k)
-               and flat[k].ndim == 3]:
+  prefix = next((p for p in _BV_PREFIXES if f'{p}embedding/kernel' in flat), '')
+  ignored = {f'keys outside {prefix} (optimizer state, other tower)':
+             sum(not k.startswith(prefix) for k in flat)}
+  flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  origin = {k: _described(prefix + k, v) for k, v in flat.items()}
+  # A scanned encoder (nn.scan) stacks the blocks on a leading axis: unstack.
+  for name in [k for k in flat if k.startswith('Transformer/encoderblock/')]:
+    stacked = flat.pop(name)
+    for i, value in enumerate(stacked):
+      block = name.replace('encoderblock/', f'encoderblock_{i}/')
+      flat[block], origin[block] = value, f'{origin[name]}[{i}]'
+  # Attention projections are (D, heads, head_dim) / (heads, head_dim, D): flatten and
+  # fuse query|key|value (the blocks) or key|value (MAPHead, whose query is alone).
+  attention = r'(Transformer/encoderblock_\d+|MAPHead_0)/MultiHeadDotProductAttention_\d'
+  for name in [k for k in flat if re.fullmatch(attention + r'/query/\w+', k)]:
+    map_head = name.startswith('MAPHead_0/')
+    groups = ((('key', 'value'), 'kv'), (('query',), 'q')) if map_head else \
+        ((('query', 'key', 'value'), 'qkv'),)
+    for names, fused_name in groups:
+      parts = [name.replace('/query/', f'/{p}/') for p in names]
+      if all(p in flat for p in parts):
+        fused = name.replace('/query/', f'/{fused_name}/')
+        arrays = [flat.pop(p) for p in parts]
+        flat[fused] = np.concatenate([a.reshape(a.shape[0], -1) if a.ndim == 3 else a.reshape(-1)
+                                      for a in arrays], axis=-1)
+        spelled = name.replace('/query/', f"/{{{','.join(names)}}}/")
+        origin[fused] = f'{prefix}{spelled} {len(parts)}x{arrays[0].shape}'
+  for name in [k for k in flat if re.fullmatch(attention + '/out/kernel', k) and flat[k].ndim == 3]:
     flat[name] = flat[name].reshape(-1, flat[name].shape[-1])
   out = {}
   for name, value in flat.items():
@@ -364,14 +539,17 @@ def _convert_big_vision(flat):
     if leaf is None:
       leaf, _ = _rename(name, _BV_MODULES)
     out[f'params/{leaf}' if leaf else f'?{origin[name]}'] = (value, origin[name])
-  return out
+  return out, ignored
 
 
 # ---------------------------------------------------------------- matching
 
 
-def _match(converted, target):
-  """Checkpoint leaves fitted to the target tree, and the (our path, text) problems."""
+def _match(converted, target, method, fresh_why):
+  """Checkpoint leaves fitted to the target tree, and the (our path, text) problems.
+
+  Leaves left fresh on purpose (a head with another class count) go to `fresh_why`.
+  """
   loaded, unexpected, mismatched = {}, [], []
   shape = lambda a: tuple(np.shape(a))
   for key, (value, src) in converted.items():
@@ -380,12 +558,10 @@ def _match(converted, target):
       continue
     want = tuple(target[key].shape)
     if key == 'params/pos_embedding' and shape(value) != want and shape(value)[-1] == want[-1]:
-      value = _fit_posemb(value, want, src)
+      value = _fit_posemb(value, want, method)
     elif (key.startswith('params/head/linear/') and shape(value) != want
           and shape(value)[:-1] == want[:-1]):
-      if key.endswith('kernel'):
-        logger.info('%s: %d classes in the checkpoint, %d in the model; the head keeps '
-                    'its initial value.', src, shape(value)[-1], want[-1])
+      fresh_why[key] = f'head ({shape(value)[-1]} classes in the checkpoint, {want[-1]} in the model)'
       continue
     if shape(value) != want:
       mismatched.append((key, f'{src} vs model {key} {want}'))
@@ -395,25 +571,52 @@ def _match(converted, target):
                   'shape mismatches (checkpoint vs model)': mismatched}
 
 
-def _fit_posemb(value, want, src):
-  """A position embedding resampled to the model's grid (a missing class row is zeros)."""
-  tokens = value.shape[1]
-  if math.isqrt(tokens) ** 2 == tokens:
-    logger.info('%s has no class-token row (big_vision, timm no_embed_class); the '
-                'class token gets a zero position embedding, as there.', src)
+def _class_rows(tokens):
+  """1 if a position embedding of `tokens` rows has a class-token row, else 0."""
+  return 0 if math.isqrt(tokens) ** 2 == tokens else 1
+
+
+def _fit_posemb(value, want, method):
+  """A position embedding resampled to the model's grid.
+
+  A checkpoint without a class-token row (big_vision, timm no_embed_class, whose
+  class token carries its own position) gives the model's class token zeros.
+  """
+  if _class_rows(value.shape[1]) < _class_rows(want[1]):
     value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
-  new_side, old_side = math.isqrt(want[1] - 1), math.isqrt(value.shape[1] - 1)
-  if old_side != new_side:
-    logger.info('%s: resampling the position embedding from a %dx%d to a %dx%d grid.',
-                src, old_side, old_side, new_side, new_side)
-    value = np.asarray(resample_posemb(value, new_side))
+  rows = _class_rows(want[1])
+  if _class_rows(value.shape[1]) == rows and value.shape[1] != want[1]:
+    value = resample_posemb(value, math.isqrt(want[1] - rows), method)
   return value
 
 
 _HINTS = (  # (our paths among unexpected/mismatched keys, the fix)
     (r'batch_stats/head/bn/.*', "the checkpoint has a BatchNorm head: set model.head='bn_linear'"),
     (r'params/fc_norm/.*', "the checkpoint pools by global average: set model.pool='gap'"),
+    (r'params/norm_pre/.*', 'the checkpoint normalises before the blocks (CLIP): set '
+     'model.ln_pre=True'),
+    (r'params/block\d+/ls[12]', 'the checkpoint has LayerScale (DINOv2): set model.layerscale'),
+    (r'params/registers', 'the checkpoint has register tokens: set model.num_registers'),
+    (r'params/map_head/.*', "the checkpoint pools with an attention head: set model.pool='map'"),
+    (r'params/pre_logits/.*', 'the checkpoint has a pre-logits layer: set model.pre_logits to '
+     'its width, or load with strict=False to drop it'),
+    (r'params/cls', 'the checkpoint has a class token: set model.class_token=True'),
 ) + methods.LOAD_HINTS
+
+
+_MISSING_HINTS = (  # (our paths the checkpoint lacks, the fix)
+    (r'params/block\d+/ls[12]', 'the checkpoint has no LayerScale: set model.layerscale=None'),
+    (r'params/registers', 'the checkpoint has no register tokens: set model.num_registers=0'),
+    (r'params/norm_pre/.*', 'the checkpoint has no pre-norm: set model.ln_pre=False'),
+    (r'params/map_head/.*', "the checkpoint has no attention-pooling head: set model.pool to "
+     "'cls', 'gap' or 'gap_prenorm'"),
+    (r'params/cls', 'the checkpoint has no class token: set model.class_token=False '
+     "and model.pool='gap_prenorm' or 'map'"),
+    (r'params/pre_logits/.*', 'the checkpoint has no pre-logits layer: set model.pre_logits=0'),
+    (r'params/block\d+/attn/qkv/bias', "the checkpoint's attention has no qkv bias: set "
+     "model.qkv_bias='none' (or 'qv')"),
+    (r'params/block\d+/attn/[qv]_bias', "set model.qkv_bias='qkv' (fused q, k, v biases)"),
+)
 
 
 def _raise_or_warn(path, problems, strict, converted, model_cfg, own_export):
@@ -438,6 +641,8 @@ def _raise_or_warn(path, problems, strict, converted, model_cfg, own_export):
   offending = [k for what in (unexpected, 'shape mismatches (checkpoint vs model)')
                for k, _ in found.get(what, [])]
   hints += [fix for pattern, fix in _HINTS if any(re.fullmatch(pattern, k) for k in offending)]
+  absent = [k for k, _ in found.get('missing from the checkpoint', [])]
+  hints += [fix for pattern, fix in _MISSING_HINTS if any(re.fullmatch(pattern, k) for k in absent)]
   if own_export and 'missing from the checkpoint' in found:
     hints.append('an adapter export holds only the trained leaves: load the backbone '
                  'first and pass it as init_variables')

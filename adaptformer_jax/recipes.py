@@ -53,9 +53,14 @@ def base(model_cfg, data_name, **data):
 
 
 def official(config_name, dataset, num_classes, arg, **data):
-  """The official AdaptFormer recipe: MAE ViT-B/16, BN+linear head, 224 px, SGD 0.1×B/256."""
-  method = method_arg(arg, config_name)
-  model = models.preset('vit_b16', num_classes=num_classes, head='bn_linear',
+  """The official AdaptFormer recipe: MAE ViT-B/16, BN+linear head, 224 px, SGD 0.1×B/256.
+
+  `arg` is METHOD or METHOD,PRESET: another backbone family with the same recipe,
+  e.g. `configs/cifar100.py:adaptformer,vit_b14_dinov2`.
+  """
+  method, _, backbone = (arg or '').partition(',')
+  method = method_arg(method, config_name)
+  model = models.preset(backbone or 'vit_b16', num_classes=num_classes, head='bn_linear',
                         tuning=method, image_size=224)
   config = base(model, dataset, **data)
   if method == 'full':

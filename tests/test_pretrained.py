@@ -260,16 +260,29 @@ def test_own_exports_round_trip(tmp_path):
 # ---------------------------------------------------------------- position embeddings
 
 
-def test_resample_posemb_round_trip():
+@pytest.mark.parametrize('method', ['bilinear', 'bicubic'])
+def test_resample_posemb_keeps_the_class_row_and_constants(method):
   posemb = np.random.RandomState(0).standard_normal((1, 1 + 16, 8)).astype(np.float32)
-  small = pretrained.resample_posemb(posemb, 2)
-  back = pretrained.resample_posemb(small, 4)
+  small = pretrained.resample_posemb(posemb, 2, method)
+  back = pretrained.resample_posemb(small, 4, method)
   assert small.shape == (1, 5, 8) and back.shape == (1, 17, 8)
   np.testing.assert_array_equal(small[:, 0], posemb[:, 0])
   np.testing.assert_array_equal(back[:, 0], posemb[:, 0])
   constant = np.ones((1, 17, 8), np.float32)
-  np.testing.assert_allclose(pretrained.resample_posemb(constant, (3, 5)),
+  np.testing.assert_allclose(pretrained.resample_posemb(constant, (3, 5), method),
                              np.ones((1, 16, 8)), rtol=1e-6)
+  no_class_row = pretrained.resample_posemb(posemb[:, 1:], 3, method)
+  assert no_class_row.shape == (1, 9, 8)
+
+
+def test_bilinear_resample_is_big_visions_zoom():
+  """big_vision resamples with scipy.ndimage.zoom(order=1): corners aligned, no antialiasing."""
+  ndimage = pytest.importorskip('scipy.ndimage')
+  grid = np.random.RandomState(1).standard_normal((7, 7, 4))
+  for new in (3, 5, 12):
+    expected = ndimage.zoom(grid, (new / 7, new / 7, 1), order=1)
+    ours = pretrained.resample_posemb(grid.reshape(1, 49, 4).astype(np.float32), new, 'bilinear')
+    np.testing.assert_allclose(ours.reshape(new, new, 4), expected, atol=1e-6, rtol=0)
 
 
 def test_224px_checkpoint_loads_at_32px(tmp_path, caplog):
@@ -278,8 +291,8 @@ def test_224px_checkpoint_loads_at_32px(tmp_path, caplog):
   save_file(sd, tmp_path / 'ckpt.safetensors')
   with caplog.at_level(logging.INFO):
     variables = pretrained.load(tmp_path / 'ckpt.safetensors', cfg)
-  assert 'from a 28x28 to a 4x4 grid' in caplog.text
-  sd['pos_embed'] = np.asarray(pretrained.resample_posemb(sd['pos_embed'], 4))
+  assert 'position embedding 28x28 -> 4x4 (bicubic)' in caplog.text
+  sd['pos_embed'] = pretrained.resample_posemb(sd['pos_embed'], 4, 'bicubic')
   np.testing.assert_array_equal(variables['params']['pos_embedding'], sd['pos_embed'])
   np.testing.assert_allclose(logits(cfg, variables), numpy_forward(sd, IMAGES, cfg.num_heads),
                              atol=1e-5, rtol=0)

@@ -22,10 +22,51 @@ PRESETS = {
     'vit_h14': (14, 1280, 32, 16, 5120),
     'vit_g14': (14, 1408, 40, 16, 6144),
     'vit_G14': (14, 1664, 48, 16, 8192),
+    # Public checkpoint families (FAMILY_OPTIONS below); same table, same shapes.
+    'vit_ti16_augreg': (16, 192, 12, 3, 768),
+    'vit_s16_augreg': (16, 384, 12, 6, 1536),
+    'vit_b16_augreg': (16, 768, 12, 12, 3072),
+    'vit_l16_augreg': (16, 1024, 24, 16, 4096),
+    'vit_s14_dinov2': (14, 384, 12, 6, 1536),
+    'vit_b14_dinov2': (14, 768, 12, 12, 3072),
+    'vit_l14_dinov2': (14, 1024, 24, 16, 4096),
+    'vit_s14_dinov2_reg4': (14, 384, 12, 6, 1536),
+    'vit_b14_dinov2_reg4': (14, 768, 12, 12, 3072),
+    'vit_l14_dinov2_reg4': (14, 1024, 24, 16, 4096),
+    'vit_b16_clip': (16, 768, 12, 12, 3072),
+    'vit_l14_clip': (14, 1024, 24, 16, 4096),
+    'vit_b16_openclip': (16, 768, 12, 12, 3072),
+    'vit_b16_siglip': (16, 768, 12, 12, 3072),
+    'vit_l16_siglip': (16, 1024, 24, 16, 4096),
+}
+
+# What each family's checkpoints need beyond the MAE/AdaptFormer recipe (the defaults).
+_AUGREG = dict(gelu='tanh', posemb_resample='bilinear')  # big_vision / vit_jax: flax's GELU
+_DINOV2 = dict(layerscale=1e-5)
+_CLIP = dict(ln_pre=True, norm_eps=1e-5)  # torch LayerNorm's eps
+_SIGLIP = dict(class_token=False, pool='map', gelu='tanh', posemb_resample='bilinear')
+FAMILY_OPTIONS = {
+    **{f'vit_{s}16_augreg': _AUGREG for s in ('ti', 's', 'b', 'l')},
+    **{f'vit_{s}14_dinov2': _DINOV2 for s in 'sbl'},
+    **{f'vit_{s}14_dinov2_reg4': dict(_DINOV2, num_registers=4) for s in 'sbl'},
+    'vit_b16_clip': dict(_CLIP, gelu='quick'),  # OpenAI CLIP trained with QuickGELU
+    'vit_l14_clip': dict(_CLIP, gelu='quick'),
+    'vit_b16_openclip': _CLIP,  # OpenCLIP's LAION models: exact GELU
+    'vit_b16_siglip': _SIGLIP,
+    'vit_l16_siglip': _SIGLIP,
 }
 
 CHOICES = {
-    'pool': ('cls', 'gap'),
+    # cls: final norm, class token; gap: mean of the patch tokens, then fc_norm (MAE);
+    # gap_prenorm: final norm, then the mean (big_vision, timm fc_norm=False);
+    # map: final norm, then an attention-pooling head (big_vision MAPHead, SigLIP).
+    'pool': ('cls', 'gap', 'gap_prenorm', 'map'),
+    'gelu': ('exact', 'tanh', 'quick'),  # erf (torch); tanh approximation (flax); x*sigmoid(1.702x)
+    'qkv_bias': ('qkv', 'qv', 'none'),
+    # How a checkpoint's position embedding is resized to the model's grid, as the
+    # family's own loader does: bicubic, antialiased (timm); bilinear with aligned
+    # corners, as scipy.ndimage.zoom(order=1) (big_vision).
+    'posemb_resample': ('bilinear', 'bicubic'),
     'head': ('linear', 'bn_linear'),
     'adapter.layernorm': ('none', 'in', 'out'),
     'adapter.placement': ('parallel', 'sequential'),
@@ -46,6 +87,11 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       name=name, patch_size=patch, width=width, depth=depth, num_heads=heads,
       mlp_dim=mlp_dim, image_size=224, num_classes=1000, pool='cls',
       head='linear', head_init_std=0.01, tuning='adaptformer',
+      # Architecture options of other checkpoint families (FAMILY_OPTIONS, CHOICES).
+      gelu='exact', class_token=True, num_registers=0, ln_pre=False,
+      layerscale=ml_collections.FieldReference(None, field_type=float),  # None: off
+      qkv_bias='qkv', pre_logits=0,  # 0: none, else the width of a tanh dense layer
+      norm_eps=1e-6, posemb_resample='bicubic',
       # Official AdaptFormer defaults: ffn_num=64, fixed scale 0.1, no LN,
       # dropout 0.1, parallel to the MLP.
       adapter=dict(bottleneck=64, scale=0.1, layernorm='none', dropout=0.1,
@@ -59,6 +105,7 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       # `--config.model.remat=dots` and `=True` parse.
       remat=ml_collections.FieldReference(False, field_type=object),
   ))
+  cfg.update(FAMILY_OPTIONS.get(name, {}))
   for key, value in overrides.items():
     if key not in cfg:
       raise ConfigError(
@@ -96,6 +143,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if value not in allowed:
       raise ConfigError(f'model.{field}: {value!r} is not one of '
                         f"{', '.join(map(repr, allowed))}.")
+  if cfg.pool == 'cls' and not cfg.class_token:
+    raise ConfigError("model.pool: 'cls' needs model.class_token=True; without a class "
+                      "token pool with 'gap', 'gap_prenorm' or 'map'.")
+  for field in ('num_registers', 'pre_logits'):
+    if cfg[field] < 0:
+      raise ConfigError(f'model.{field}: must be >= 0, got {cfg[field]}.')
+  if cfg.layerscale is not None and cfg.layerscale <= 0:
+    raise ConfigError(f'model.layerscale: must be None (off) or > 0, got {cfg.layerscale}.')
   if not (isinstance(cfg.remat, (bool, str)) and cfg.remat in vit.REMAT):
     raise ConfigError(f'model.remat: {cfg.remat!r} is not one of '
                       f"{', '.join(map(repr, vit.REMAT))}.")

@@ -2,7 +2,9 @@
 
 The block follows the official AdaptFormer forward: the adapter reads the
 post-attention residual stream (no LayerNorm) and its output is added next to
-the MLP's (`parallel`) or applied to the MLP's output (`sequential`).
+the MLP's (`parallel`) or applied to the MLP's output (`sequential`). Options of
+other checkpoint families (GELU form, pooling, class token, registers, LayerScale,
+pre-norm, qkv biases, pre-logits) are config fields, one ViT for all of them.
 """
 import functools
 
@@ -14,9 +16,13 @@ import ml_collections
 from adaptformer_jax.models import methods
 from adaptformer_jax.models import peft_layers
 
-LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
-# torch.nn.GELU() is the exact erf form.
-gelu = functools.partial(nn.gelu, approximate=False)
+# model.gelu: torch.nn.GELU() is the exact erf form, flax's default (big_vision) the
+# tanh approximation, OpenAI CLIP's QuickGELU a sigmoid approximation.
+GELU = {
+    'exact': functools.partial(nn.gelu, approximate=False),
+    'tanh': functools.partial(nn.gelu, approximate=True),
+    'quick': lambda x: x * nn.sigmoid(1.702 * x),
+}
 dense_init = nn.initializers.xavier_uniform()
 # model.remat: which activations each block keeps for the backward pass; the rest
 # is recomputed there. 'none' keeps whatever autodiff needs; 'block' only the block's
@@ -32,31 +38,46 @@ REMAT_POLICIES = {
 }
 
 
+def layer_norm(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype | None,
+               name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name=name)
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+  """Softmax attention of (B, Nq, D) queries over (B, Nk, D) keys/values, per head."""
+  split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
+  return jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(q.shape)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with fused qkv (bias on) and optional LoRA on q, v."""
+  """Multi-head self-attention with fused qkv and optional LoRA on q, v.
+
+  model.qkv_bias: 'qkv' biases all three, 'none' none, 'qv' only q and v (BEiT).
+  """
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
   lora: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, n, d = x.shape
-    heads = self.cfg.num_heads
-    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
+    d = x.shape[-1]
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init,
+                   use_bias=self.cfg.qkv_bias == 'qkv', name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
+    if self.cfg.qkv_bias == 'qv':
+      q = q + self.param('q_bias', nn.initializers.zeros, (d,)).astype(q.dtype)
+      v = v + self.param('v_bias', nn.initializers.zeros, (d,)).astype(v.dtype)
     if self.lora:
       lora = functools.partial(peft_layers.LoRA, d, self.cfg.lora.rank,
                                self.cfg.lora.alpha, self.dtype)
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
-    split = lambda t: t.reshape(b, n, heads, d // heads)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
-    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init,
-                    name='out')(out.reshape(b, n, d))
+    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(
+        multi_head_attention(q, k, v, self.cfg.num_heads))
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2."""
+  """fc1 -> GELU (model.gelu) -> fc2."""
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
 
@@ -65,11 +86,16 @@ class Mlp(nn.Module):
     h = nn.Dense(self.cfg.mlp_dim, dtype=self.dtype, kernel_init=dense_init,
                  name='fc1')(x)
     return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init,
-                    name='fc2')(gelu(h))
+                    name='fc2')(GELU[self.cfg.gelu](h))
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block with an optional AdaptMLP branch and LoRA attention."""
+  """Pre-LN transformer block, optional LayerScale, an optional AdaptMLP branch and
+  LoRA attention.
+
+  The adapter reads the stream after the (LayerScale'd) attention residual and
+  adds next to (or acts on) what the MLP branch adds, LayerScale included.
+  """
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
   adapter: bool = False
@@ -77,8 +103,11 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = x + Attention(self.cfg, self.dtype, self.lora, name='attn')(
-        LayerNorm(dtype=self.dtype, name='norm1')(x))
+    cfg = self.cfg
+    scaled = lambda h, name: h if cfg.layerscale is None else h * self.param(
+        name, nn.initializers.constant(cfg.layerscale), (h.shape[-1],)).astype(h.dtype)
+    x = x + scaled(Attention(cfg, self.dtype, self.lora, name='attn')(
+        layer_norm(cfg, self.dtype, 'norm1')(x)), 'ls1')
     adapter = None
     if self.adapter:
       a = self.cfg.adapter
@@ -86,12 +115,32 @@ class Block(nn.Module):
                                      self.dtype, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
-    h = Mlp(self.cfg, self.dtype, name='mlp')(
-        LayerNorm(dtype=self.dtype, name='norm2')(x))
+    h = scaled(Mlp(cfg, self.dtype, name='mlp')(
+        layer_norm(cfg, self.dtype, 'norm2')(x)), 'ls2')
     if adapter is not None:
       h = h + (adapted if self.cfg.adapter.placement == 'parallel'
                else adapter(h, train))
     return x + h
+
+
+class MapHead(nn.Module):
+  """Attention pooling (big_vision MAPHead, timm AttentionPoolLatent): a learned
+  probe attends over the tokens, then a residual LN + MLP."""
+  cfg: ml_collections.FrozenConfigDict
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, _, d = x.shape
+    probe = self.param('probe', dense_init, (1, 1, d))
+    q = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='q')(
+        jnp.broadcast_to(probe, (b, 1, d)).astype(x.dtype))
+    k, v = jnp.split(nn.Dense(2 * d, dtype=self.dtype, kernel_init=dense_init,
+                              name='kv')(x), 2, axis=-1)
+    y = multi_head_attention(q, k, v, self.cfg.num_heads)
+    y = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(y)
+    y = y + Mlp(self.cfg, self.dtype, name='mlp')(layer_norm(self.cfg, self.dtype, 'norm')(y))
+    return y[:, 0]
 
 
 class Head(nn.Module):
@@ -112,7 +161,9 @@ class Head(nn.Module):
 class VisionTransformer(nn.Module):
   """ViT classifier; `cfg` is a model ConfigDict from `presets.preset`.
 
-  The tuning method is parsed here, once; the blocks get plain booleans.
+  The tuning method is parsed here, once; the blocks get plain booleans. Token
+  order: [VPT prompts] [class token] [registers] patches; the position embedding
+  covers the class token (when there is one) and the patches.
   """
   cfg: ml_collections.FrozenConfigDict
 
@@ -126,19 +177,27 @@ class VisionTransformer(nn.Module):
                 kernel_init=dense_init, name='embedding')(images)
     b = x.shape[0]
     x = x.reshape(b, -1, cfg.width)
-    cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, cfg.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.width)).astype(x.dtype), x], 1)
+    tokens = lambda t: jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(x.dtype)
+    if cfg.class_token:
+      cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, cfg.width))
+      x = jnp.concatenate([tokens(cls), x], 1)
     pos = self.param('pos_embedding', nn.initializers.normal(0.02),
                      (1, x.shape[1], cfg.width))
     x = x + pos.astype(x.dtype)
+    if cfg.num_registers:  # DINOv2: no position embedding on registers
+      registers = self.param('registers', nn.initializers.normal(1e-6),
+                             (1, cfg.num_registers, cfg.width))
+      x = jnp.concatenate([x[:, :int(cfg.class_token)], tokens(registers),
+                           x[:, int(cfg.class_token):]], 1)
+    if cfg.ln_pre:
+      x = layer_norm(cfg, dtype, 'norm_pre')(x)
 
     vpt = tuning.vpt
     n_prompt = cfg.vpt.num_tokens
     if vpt:
       prompts = self.param('prompts', peft_layers.prompt_init,
                            (cfg.depth if vpt == 'deep' else 1, n_prompt, cfg.width))
-      add_prompts = lambda x, i: jnp.concatenate(
-          [jnp.broadcast_to(prompts[i], (b, n_prompt, cfg.width)).astype(x.dtype), x], 1)
+      add_prompts = lambda x, i: jnp.concatenate([tokens(prompts[i:i + 1]), x], 1)
 
     remat = REMAT[cfg.remat]
     block = Block if remat == 'none' else nn.remat(
@@ -151,8 +210,17 @@ class VisionTransformer(nn.Module):
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
 
-    if cfg.pool == 'cls':
-      x = LayerNorm(name='norm')(x)[:, 0]
+    patches = slice(int(cfg.class_token) + cfg.num_registers, None)
+    if cfg.pool == 'gap':  # MAE: no final norm, fc_norm after the mean
+      x = layer_norm(cfg, None, 'fc_norm')(x[:, patches].mean(axis=1))
     else:
-      x = LayerNorm(name='fc_norm')(x[:, 1:].mean(axis=1))
+      x = layer_norm(cfg, None, 'norm')(x)
+      if cfg.pool == 'cls':
+        x = x[:, 0]
+      elif cfg.pool == 'gap_prenorm':
+        x = x[:, patches].mean(axis=1)
+      else:
+        x = MapHead(cfg, dtype, name='map_head')(x[:, patches])
+    if cfg.pre_logits:
+      x = jnp.tanh(nn.Dense(cfg.pre_logits, dtype=dtype, name='pre_logits')(x))
     return Head(cfg, name='head')(x.astype(jnp.float32), train)
