@@ -593,6 +593,9 @@ def _fit_posemb(value, want, method):
 _HINTS = (  # (our paths among unexpected/mismatched keys, the fix)
     (r'batch_stats/head/bn/.*', "the checkpoint has a BatchNorm head: set model.head='bn_linear'"),
     (r'params/fc_norm/.*', "the checkpoint pools by global average: set model.pool='gap'"),
+) + methods.LOAD_HINTS
+
+_UNEXPECTED_HINTS = (  # (our paths the model has no place for, the fix)
     (r'params/norm_pre/.*', 'the checkpoint normalises before the blocks (CLIP): set '
      'model.ln_pre=True'),
     (r'params/block\d+/ls[12]', 'the checkpoint has LayerScale (DINOv2): set model.layerscale'),
@@ -601,7 +604,7 @@ _HINTS = (  # (our paths among unexpected/mismatched keys, the fix)
     (r'params/pre_logits/.*', 'the checkpoint has a pre-logits layer: set model.pre_logits to '
      'its width, or load with strict=False to drop it'),
     (r'params/cls', 'the checkpoint has a class token: set model.class_token=True'),
-) + methods.LOAD_HINTS
+)
 
 
 _MISSING_HINTS = (  # (our paths the checkpoint lacks, the fix)
@@ -641,6 +644,8 @@ def _raise_or_warn(path, problems, strict, converted, model_cfg, own_export):
   offending = [k for what in (unexpected, 'shape mismatches (checkpoint vs model)')
                for k, _ in found.get(what, [])]
   hints += [fix for pattern, fix in _HINTS if any(re.fullmatch(pattern, k) for k in offending)]
+  extra = [k for k, _ in found.get(unexpected, [])]
+  hints += [fix for pattern, fix in _UNEXPECTED_HINTS if any(re.fullmatch(pattern, k) for k in extra)]
   absent = [k for k, _ in found.get('missing from the checkpoint', [])]
   hints += [fix for pattern, fix in _MISSING_HINTS if any(re.fullmatch(pattern, k) for k in absent)]
   if own_export and 'missing from the checkpoint' in found:

@@ -346,6 +346,7 @@ def test_wrong_width_lists_every_shape(tmp_path):
               'norm.bias (48,) vs model params/norm/bias (32,)', 'width 48'):
     assert key in msg
   assert 'missing' not in msg  # mismatched leaves are not listed twice
+  assert 'class_token' not in msg  # a mis-shaped class token is a width problem
 
 
 def test_unexpected_keys_warn_when_not_strict(tmp_path, caplog):
