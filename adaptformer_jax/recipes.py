@@ -1,22 +1,27 @@
-"""Config builders shared by `configs/*.py`: the official AdaptFormer recipe and its knobs."""
+"""What `configs/*.py` share: the tuning-method argument and the training loop's defaults.
+
+The recipes themselves (model, data, schedule, optimizer) are spelled out in each config.
+"""
+from typing import Any
+
 import ml_collections
 
-from adaptformer_jax import models
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.models import methods
 
 
-def method_arg(arg, config_name):
+def method_arg(arg: str | None, config_name: str) -> str:
   """The tuning method named by a config file's argument (`configs/NAME.py:METHOD`)."""
   if not arg:
     raise ConfigError(f'configs/{config_name}.py needs a tuning method: '
-                      f"configs/{config_name}.py:METHOD with METHOD one of {', '.join(methods.METHODS)} "
-                      "(or a '+' combination).")
+                      f'configs/{config_name}.py:METHOD with METHOD one of '
+                      f"{', '.join(methods.METHODS)} (or a '+' combination).")
   methods.parse(arg)
   return arg
 
 
-def base(model_cfg, data_name, **data):
+def base(model_cfg: ml_collections.ConfigDict, data_name: str,
+         **data: Any) -> ml_collections.ConfigDict:
   """Everything a run needs, with the training loop's defaults."""
   config = ml_collections.ConfigDict()
   config.model = model_cfg
@@ -51,15 +56,3 @@ def base(model_cfg, data_name, **data):
   config.progress = True
   return config
 
-
-def official(config_name, dataset, num_classes, arg, **data):
-  """The official AdaptFormer recipe: MAE ViT-B/16, BN+linear head, 224 px, SGD 0.1×B/256."""
-  method = method_arg(arg, config_name)
-  model = models.preset('vit_b16', num_classes=num_classes, head='bn_linear',
-                        tuning=method, image_size=224)
-  config = base(model, dataset, **data)
-  if method == 'full':
-    # Full fine-tuning at the adapter learning rate diverges; the MAE
-    # fine-tuning recipe uses a far lower rate.
-    config.optimizer.base_lr = 0.001
-  return config
