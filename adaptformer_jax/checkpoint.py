@@ -4,13 +4,16 @@ An adapter export holds only what a task adds to a frozen backbone: the trainabl
 parameters and the head's BatchNorm statistics -- about 5 MB for ViT-B/16.
 """
 import json
-import logging
 import os
 import shutil
+from collections.abc import Sequence
+from typing import Any
 
+from absl import logging
 import flax.traverse_util
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
@@ -31,7 +34,7 @@ class Checkpointer:
   (eval, export) creates, deletes and renames nothing.
   """
 
-  def __init__(self, workdir, max_to_keep=3, read_only=False):
+  def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.read_only = read_only
     self._manager = ocp.CheckpointManager(
@@ -39,13 +42,13 @@ class Checkpointer:
             max_to_keep=max_to_keep, create=not read_only,
             cleanup_tmp_directories=not read_only))
 
-  def latest_step(self):
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step, state):
+  def save(self, step: int, state: Any) -> None:
     self._manager.save(int(step), args=ocp.args.StandardSave(state))
 
-  def restore(self, abstract_state, step=None):
+  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """Restores `step` into the structure and shardings of `abstract_state`.
 
     Without `step`, the newest step that reads back: a newer one that does not
@@ -100,7 +103,7 @@ class Checkpointer:
     self.close()
 
 
-def latest_step(workdir):
+def latest_step(workdir: str) -> int | None:
   """The newest complete step in `<workdir>/checkpoints`, or None; creates nothing."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return None
@@ -108,12 +111,12 @@ def latest_step(workdir):
     return ckpt.latest_step()
 
 
-def first_line(error):
+def first_line(error: BaseException) -> str:
   """The gist of a library exception, for one-line messages."""
   return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
-def restore_path(path, abstract_state):
+def restore_path(path: str, abstract_state: Any) -> Any:
   """Restores a checkpoint given as `<workdir>/checkpoints/<step>` (for `--checkpoint`)."""
   path = os.path.abspath(path)
   parent, step = os.path.split(path.rstrip('/'))
@@ -130,7 +133,9 @@ def restore_path(path, abstract_state):
     manager.close()
 
 
-def export_adapters(out_dir, variables, mask, model_cfg, class_names):
+def export_adapters(out_dir: str, variables: dict[str, Any], mask: Any,
+                    model_cfg: ml_collections.ConfigDict,
+                    class_names: Sequence[str]) -> dict[str, np.ndarray]:
   """Writes the trainable leaves (+ batch_stats) and the config that rebuilds the model."""
   os.makedirs(out_dir, exist_ok=True)
   flat = flax.traverse_util.flatten_dict(variables['params'], sep='/')
@@ -147,7 +152,7 @@ def export_adapters(out_dir, variables, mask, model_cfg, class_names):
   return tensors
 
 
-def read_adapter_config(adapter_dir):
+def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
   path = os.path.join(adapter_dir, ADAPTER_CONFIG)
   try:
     with open(path) as f:
@@ -157,7 +162,8 @@ def read_adapter_config(adapter_dir):
                     'pass a directory written by `--mode export`.') from None
 
 
-def swap_in_adapters(adapter_dir, variables, mask, model_cfg):
+def swap_in_adapters(adapter_dir: str, variables: dict[str, Any], mask: Any,
+                     model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """`variables` with the exported leaves of `adapter_dir` in place of the trainable ones.
 
   The adapters must come from the same architecture and tuning method, and hold

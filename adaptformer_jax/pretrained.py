@@ -8,22 +8,22 @@ silently wrong (missing backbone weights, leftover keys, wrong shapes) is one
 UserError listing every offending key.
 """
 import argparse
-import logging
 import math
 import os
 import re
 import zipfile
+from typing import Any
 
+from absl import logging
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.models import methods
 from adaptformer_jax.models import presets
-
-logger = logging.getLogger(__name__)
 
 # Torch modules (official AdaptFormer, MAE, timm) -> (our module, kind).
 _TORCH_MODULES = (
@@ -65,7 +65,9 @@ _BV_MODULES = (
 _BV_LEAVES = ((r'cls', 'cls'), (r'(?:Transformer/posembed_input/)?pos_embedding', 'pos_embedding'))
 
 
-def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
+def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
+         init_variables: dict[str, Any] | None = None, rng: jax.Array | None = None,
+         strict: bool = True) -> dict[str, Any]:
   """Variables for `models.build(model_cfg)` with the weights of checkpoint `path`.
 
   Args:
@@ -94,7 +96,7 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
   mae_gap = (model_cfg.pool == 'gap' and 'params/norm/scale' in converted
              and 'params/fc_norm/scale' not in converted)
   if mae_gap:
-    logger.info('%s: the final norm is unused with pool=gap; fc_norm keeps its '
+    logging.info('%s: the final norm is unused with pool=gap; fc_norm keeps its '
                 'initial (identity) value, as in MAE.', path)
     converted = {k: v for k, v in converted.items() if not k.startswith('params/norm/')}
   loaded, problems = _match(converted, target)
@@ -115,14 +117,15 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
     if set(fresh) != set(target):
       raise ValueError('init_variables do not match the model tree: '
                        f'{sorted(set(fresh) ^ set(target))[:5]}')
-    logger.info('%s: %d leaves not in the checkpoint keep their initial values: %s',
+    logging.info('%s: %d leaves not in the checkpoint keep their initial values: %s',
                 path, len(missing), _summarise(missing))
     loaded.update({k: fresh[k] for k in missing})
   out = {k: np.asarray(loaded[k], target[k].dtype) for k in target}
   return flax.traverse_util.unflatten_dict(out, sep='/')
 
 
-def resample_posemb(posemb, new_grid):
+def resample_posemb(posemb: jax.Array | np.ndarray,
+                    new_grid: int | tuple[int, int]) -> jax.Array:
   """Bilinearly resizes the patch grid of a (1, 1 + h*w, D) position embedding.
 
   The class-token row is kept as is; the old grid must be square. `new_grid` is
@@ -384,7 +387,7 @@ def _match(converted, target):
     elif (key.startswith('params/head/linear/') and shape(value) != want
           and shape(value)[:-1] == want[:-1]):
       if key.endswith('kernel'):
-        logger.info('%s: %d classes in the checkpoint, %d in the model; the head keeps '
+        logging.info('%s: %d classes in the checkpoint, %d in the model; the head keeps '
                     'its initial value.', src, shape(value)[-1], want[-1])
       continue
     if shape(value) != want:
@@ -399,12 +402,12 @@ def _fit_posemb(value, want, src):
   """A position embedding resampled to the model's grid (a missing class row is zeros)."""
   tokens = value.shape[1]
   if math.isqrt(tokens) ** 2 == tokens:
-    logger.info('%s has no class-token row (big_vision, timm no_embed_class); the '
+    logging.info('%s has no class-token row (big_vision, timm no_embed_class); the '
                 'class token gets a zero position embedding, as there.', src)
     value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
   new_side, old_side = math.isqrt(want[1] - 1), math.isqrt(value.shape[1] - 1)
   if old_side != new_side:
-    logger.info('%s: resampling the position embedding from a %dx%d to a %dx%d grid.',
+    logging.info('%s: resampling the position embedding from a %dx%d to a %dx%d grid.',
                 src, old_side, old_side, new_side, new_side)
     value = np.asarray(resample_posemb(value, new_side))
   return value
@@ -420,7 +423,7 @@ def _raise_or_warn(path, problems, strict, converted, model_cfg, own_export):
   """One UserError listing every offending key, with the likely config fix."""
   unexpected = 'unexpected in the checkpoint'
   if problems[unexpected] and not strict:
-    logger.warning('%s: ignoring %d checkpoint keys the model has no place for: %s',
+    logging.warning('%s: ignoring %d checkpoint keys the model has no place for: %s',
                    path, len(problems[unexpected]),
                    _summarise([text for _, text in problems[unexpected]]))
     problems[unexpected] = []

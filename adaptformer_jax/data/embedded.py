@@ -5,6 +5,9 @@ download) as an ordinary tfds dataset, so demos, tests and the transfer recipe
 (pre-train on digits 0-4, adapt on 5-9) run on machines without network access
 through exactly the same tfds code path as CIFAR or ImageNet.
 """
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -15,7 +18,7 @@ class SklearnDigitsConfig(tfds.core.BuilderConfig):
   """A subset of the digits (labels are the digits minus the first one) and the
   share of them held out as the test split."""
 
-  def __init__(self, *, digits, test_size=0.2, **kwargs):
+  def __init__(self, *, digits: Sequence[int], test_size: float = 0.2, **kwargs: Any):
     super().__init__(**kwargs)
     self.digits = tuple(digits)
     self.test_size = test_size

@@ -12,9 +12,12 @@ import contextlib
 import dataclasses
 import difflib
 import itertools
+from collections.abc import Iterator
 
 from absl import logging
 import jax
+from jax.sharding import NamedSharding
+import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -35,13 +38,13 @@ _ENDLESS = 2**62  # epochs (or positions) to iterate: effectively forever
 class DatasetInfo:
   """What the model and the step plan need to know about a dataset."""
   num_classes: int
-  class_names: list
+  class_names: list[str]
   num_train: int  # examples in data.train_split (all processes)
   num_eval: int   # examples in data.eval_split (all processes)
   name: str = ''
 
 
-def info(data_cfg):
+def info(data_cfg: ml_collections.ConfigDict) -> DatasetInfo:
   """Class names and split sizes; prepares the embedded dataset if needed."""
   builder = _builder(data_cfg)
   label = builder.info.features['label']
@@ -52,7 +55,7 @@ def info(data_cfg):
       name=str(data_cfg.name))
 
 
-def check_num_classes(dataset_info, model_num_classes):
+def check_num_classes(dataset_info: DatasetInfo, model_num_classes: int) -> None:
   """The model head must have one output per dataset class."""
   if dataset_info.num_classes != model_num_classes:
     raise UserError(
@@ -61,8 +64,9 @@ def check_num_classes(dataset_info, model_num_classes):
         f'model.num_classes={dataset_info.num_classes}.')
 
 
-def train_iterator(data_cfg, *, image_size, global_batch, sharding, seed,
-                   start_step=0):
+def train_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
+                   global_batch: int, sharding: NamedSharding, seed: int,
+                   start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
   """Endless {'image', 'label'} global batches; from `start_step` on, exactly
   the batches an uninterrupted run sees at those steps.
 
@@ -102,7 +106,8 @@ def train_iterator(data_cfg, *, image_size, global_batch, sharding, seed,
   return _device_batches(_deterministic(ds), sharding)
 
 
-def eval_iterator(data_cfg, *, image_size, global_batch, sharding):
+def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
+                  global_batch: int, sharding: NamedSharding) -> 'EvalBatches':
   """Re-iterable passes over the eval split: {'image', 'label', 'mask'} batches.
 
   The last batch is padded (mask 0.0) and every process yields the same number
@@ -137,13 +142,13 @@ def eval_iterator(data_cfg, *, image_size, global_batch, sharding):
 class EvalBatches:
   """Each `iter()` is a fresh pass; `len()` is the number of batches."""
 
-  def __init__(self, ds, sharding, num_batches):
+  def __init__(self, ds: tf.data.Dataset, sharding: NamedSharding, num_batches: int):
     self._ds, self._sharding, self._num_batches = ds, sharding, num_batches
 
-  def __iter__(self):
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return _device_batches(self._ds, self._sharding)
 
-  def __len__(self):
+  def __len__(self) -> int:
     return self._num_batches
 
 

@@ -6,6 +6,7 @@ reproduces it exactly. Ops follow the torchvision recipes of the official
 AdaptFormer code (bicubic, PIL-like antialiasing), on float32 images in [0, 1].
 """
 import math
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -28,7 +29,8 @@ def _resize(image, height, width):
   return tf.cond((shape[0] == height) & (shape[1] == width), lambda: image, resize)
 
 
-def random_resized_crop_box(height, width, seed):
+def random_resized_crop_box(height: tf.Tensor, width: tf.Tensor,
+                           seed: tf.Tensor) -> tuple[tf.Tensor, ...]:
   """torchvision RandomResizedCrop's window (top, left, height, width), defaults
   scale=(0.08, 1), ratio=(3/4, 4/3): 10 tries, then a ratio-clamped center crop.
   """
@@ -57,32 +59,32 @@ def random_resized_crop_box(height, width, seed):
   return top, left, h, w
 
 
-def random_resized_crop(image, seed, size):
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """torchvision RandomResizedCrop(size) with bicubic interpolation."""
   shape = tf.shape(image)
   top, left, h, w = random_resized_crop_box(shape[0], shape[1], seed)
   return _resize(image[top:top + h, left:left + w], size, size)
 
 
-def flip(image, seed, size):
+def flip(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """Horizontal flip with probability 1/2."""
   del size
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def pad_crop(image, seed, size):
+def pad_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """The CIFAR recipe: zero-pad 4 pixels, random crop back (resized to size first)."""
   image = tf.pad(_resize(image, size, size), [[4, 4], [4, 4], [0, 0]])
   return tf.image.stateless_random_crop(image, (size, size, 3), seed)
 
 
-def resize(image, seed, size):
+def resize(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """Bicubic to size x size, ignoring the aspect ratio."""
   del seed
   return _resize(image, size, size)
 
 
-def resize_center_crop(image, seed, size):
+def resize_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """Official eval: shorter side to size*256/224 (256 for 224), center crop size."""
   del seed
   short = int(size * 256 / 224)
@@ -94,7 +96,7 @@ def resize_center_crop(image, seed, size):
   return center_crop(_resize(image, scaled_h, scaled_w), None, size)
 
 
-def center_crop(image, seed, size):
+def center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """torchvision CenterCrop: crops, or zero-pads an image smaller than size."""
   del seed
   return tf.image.resize_with_crop_or_pad(image, size, size)
@@ -106,7 +108,7 @@ SIZING_OPS = ('random_resized_crop', 'pad_crop', 'resize', 'resize_center_crop',
               'center_crop')
 
 
-def parse(pp, field='data.train_pp'):
+def parse(pp: str, field: str = 'data.train_pp') -> list[str]:
   """The op names of an op string, validated: each op known, at least one sizing op."""
   ops = tuple(op.strip() for op in str(pp).split('|') if op.strip())
   for op in ops:
@@ -120,7 +122,8 @@ def parse(pp, field='data.train_pp'):
   return ops
 
 
-def make(pp, *, image_size, normalize, field='data.train_pp'):
+def make(pp: str, *, image_size: int, normalize: str, field: str = 'data.train_pp'
+         ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   """`fn(image, seed) -> float32 (image_size, image_size, 3)`, normalised.
 
   `image` is a decoded uint8 (H, W, C) tensor with any number of channels (1 is

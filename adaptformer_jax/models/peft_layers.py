@@ -23,7 +23,7 @@ class AdaptMLP(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     width = x.shape[-1]
     # The official adapter LayerNorm is torch's default (eps 1e-5), shared by 'in'/'out'.
     norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm') \
@@ -52,13 +52,14 @@ class LoRA(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     a = self.param('a', kaiming_uniform_a_sqrt5, (x.shape[-1], self.rank))
     b = self.param('b', nn.initializers.zeros, (self.rank, self.features))
     return (x @ a.astype(self.dtype)) @ b.astype(self.dtype) * (self.alpha / self.rank)
 
 
-def prompt_init(key, shape, dtype=jnp.float32):
+def prompt_init(key: jax.Array, shape: tuple[int, int, int],
+                dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """torch xavier_uniform_ on each (1, tokens, width) prompt, as the official VPT."""
   _, tokens, width = shape
   bound = math.sqrt(6.0 / ((tokens + 1) * width))
