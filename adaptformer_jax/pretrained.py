@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from adaptformer_jax import integrity
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.models import methods
 from adaptformer_jax.models import presets
@@ -109,6 +110,7 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
             k in mismatched or methods.FRESH_ON_LOAD.fullmatch(k)
             or (mae_gap and k.startswith('params/fc_norm/')))]
   _raise_or_warn(path, problems, strict, converted, model_cfg, own_export)
+  integrity.check_values(path, {converted[k][1]: v for k, v in loaded.items()})
 
   if missing:
     if init_variables is None:
@@ -254,6 +256,7 @@ def _read_orbax(path):
   from etils import epath  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(_orbax_item(path))
+  integrity.verify_manifest(os.path.dirname(path))  # <step>/manifest.sha256, if any
   try:
     # Host numpy arrays: the saving run's devices and sharding do not matter here.
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),

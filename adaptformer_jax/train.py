@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
 from adaptformer_jax import interrupts
@@ -235,7 +236,11 @@ def eval_dataset(config: ml_collections.ConfigDict, run: Run) -> Iterator[dict[s
 
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
-  """The dataset info (its class count checked against the head) and the Trainer planned on it."""
+  """The dataset info (its class count checked against the head) and the Trainer planned on it.
+
+  Every job starts here, so here the whole config is validated, before any of it is used.
+  """
+  config_check.validate(config)
   info = data.info(config.data)
   data.check_num_classes(info, config.model.num_classes)
   return info, Trainer(Run(config), info.num_train)
@@ -245,11 +250,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from the latest checkpoint in workdir), evaluates, returns eval metrics.
 
   Everything that can be checked without touching the workdir (dataset, model,
-  batch split) is, first. SIGTERM/SIGINT save the current step and raise Interrupted.
+  batch split) is, first. The run owns the workdir (workdirs.Lock) until it returns.
+  SIGTERM/SIGINT save the current step and raise Interrupted.
   """
   _, trainer = setup(config)
+  with workdirs.Lock(workdir):
+    workdirs.prepare(config, workdir)
+    return _train(config, workdir, trainer)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           trainer: Trainer) -> dict[str, float]:
+  """The loop of train_and_evaluate, in a prepared workdir it owns."""
   run, plan = trainer.run, trainer.plan
-  workdirs.prepare(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(trainer.abstract_state())
@@ -301,6 +314,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last = done == total
         if last or done % config.log_every_steps == 0:
           flush(done)
+        # Saved before the final evaluation: whatever happens there, the run is kept.
+        if last or done % config.checkpoint_every_steps == 0 or stop:
+          flush(done)  # the NaN guard runs before a step is saved
+          ckpt.save(done, state)
         evaluate_now = last or (config.eval_every_steps and
                                 done % config.eval_every_steps == 0)
         if evaluate_now:
@@ -308,9 +325,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eval_metrics = evaluate.evaluate(run.model, run.variables(state),
                                            eval_dataset(config, run))
           writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
-        if last or done % config.checkpoint_every_steps == 0 or stop:
-          flush(done)  # the NaN guard runs before a step is saved
-          ckpt.save(done, state)
         if stop:  # the save completes in ckpt.close() below
           raise interrupts.Interrupted(stop[0], done, workdir)
     if eval_metrics is None:  # resumed after the last step: evaluate what is there

@@ -49,11 +49,12 @@ def cli_env(tmp_path_factory):
 
 
 def tree_digest(path):
-  """One hash of every file's relative path and bytes under `path`."""
+  """One hash of every file's relative path and bytes under `path`, but the workdir lock
+  (a run refused after taking it leaves the empty lock file behind)."""
   digest = hashlib.sha256()
   for root, dirs, files in os.walk(path):
     dirs.sort()
-    for name in sorted(files):
+    for name in sorted(set(files) - {workdirs.LOCK_FILE}):
       full = os.path.join(root, name)
       digest.update(os.path.relpath(full, path).encode())
       with open(full, 'rb') as f:
