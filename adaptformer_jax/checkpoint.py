@@ -38,7 +38,7 @@ METADATA_BYTES = 2**20
 
 
 class Checkpointer:
-  """Atomic, asynchronous, hash-checked saves of the train state under `<workdir>/checkpoints/<step>`.
+  """Atomic, asynchronous, hash-checked saves of the train state in `<workdir>/checkpoints/<step>`.
 
   orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it when
   complete, so a save cut short (kill -9, preemption) is never listed as a step;
@@ -303,7 +303,8 @@ def swap_in_adapters(adapter_dir: str, variables: dict[str, Any], mask: Any,
   absent = '<absent>'
   diffs = [f'{k}: adapters {saved.get(k, absent)!r} vs config {current.get(k, absent)!r}'
            for k in sorted(set(saved) | set(current))
-           if k not in methods.EXPORT_FREE_FIELDS and saved.get(k, absent) != current.get(k, absent)]
+           if k not in methods.EXPORT_FREE_FIELDS
+           and saved.get(k, absent) != current.get(k, absent)]
   if diffs:
     raise UserError(f'--adapters {adapter_dir} were trained for another model ('
                     + '; '.join(diffs) + '); use the config they were exported with.')

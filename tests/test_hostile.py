@@ -139,24 +139,31 @@ def _refused_training(**changes):
 
 # ----------------------------------------- one validation of the whole config
 
-BAD_CONFIGS = {
+BAD_CONFIGS = {  # name: (changes, the error line's text)
     'batch_size_0': ({'batch_size': 0}, 'config.batch_size: must be an integer >= 1, got 0'),
-    'batch_size_negative': ({'batch_size': -32}, 'config.batch_size: must be an integer >= 1, got -32'),
+    'batch_size_negative': ({'batch_size': -32}, 'config.batch_size: must be an integer >= 1'),
     'accum_steps_0': ({'accum_steps': 0}, 'config.accum_steps: must be an integer >= 1'),
     'patch_size_0': ({'model.patch_size': 0}, 'model.patch_size: must be an integer >= 1'),
     'num_heads_0': ({'model.num_heads': 0}, 'model.num_heads: must be an integer >= 1'),
     'mlp_dim_0': ({'model.mlp_dim': 0}, 'model.mlp_dim: must be an integer >= 1'),
     'log_every_steps_0': ({'log_every_steps': 0}, 'config.log_every_steps: must be'),
-    'checkpoint_every_steps_0': ({'checkpoint_every_steps': 0}, 'config.checkpoint_every_steps: must be'),
+    'checkpoint_every_steps_0': ({'checkpoint_every_steps': 0},
+                                 'config.checkpoint_every_steps: must be'),
     'eval_batch_size_0': ({'eval_batch_size': 0}, 'config.eval_batch_size: must be'),
-    'negative_learning_rate': ({'optimizer.base_lr': -0.1}, 'config.optimizer.base_lr: must be a number > 0'),
-    'nonfinite_typo': ({'nonfinite': 'stopp'}, "config.nonfinite: must be one of 'stop', 'skip', got 'stopp'"),
-    'num_train_steps_0': ({'num_train_steps': 0}, 'config.num_train_steps: must be an integer >= 1 or -1'),
-    'keep_checkpoints_0': ({'keep_checkpoints': 0}, 'config.keep_checkpoints: must be an integer >= 1'),
-    'width_not_a_number': ({'model.width': 'abc'}, "model.width: must be an integer >= 1, got 'abc'"),
+    'negative_learning_rate': ({'optimizer.base_lr': -0.1},
+                               'config.optimizer.base_lr: must be a number > 0'),
+    'nonfinite_typo': ({'nonfinite': 'stopp'},
+                       "config.nonfinite: must be one of 'stop', 'skip', got 'stopp'"),
+    'num_train_steps_0': ({'num_train_steps': 0},
+                          'config.num_train_steps: must be an integer >= 1 or -1'),
+    'keep_checkpoints_0': ({'keep_checkpoints': 0}, 'config.keep_checkpoints: must be'),
+    'width_not_a_number': ({'model.width': 'abc'},
+                           "model.width: must be an integer >= 1, got 'abc'"),
     'section_missing': ({'optimizer': DELETE}, 'config.optimizer: missing'),
-    'init_dont_load_bad_regex': ({'init_dont_load': ['head/[']}, "'head/[' is not a regular expression"),
-    'label_smoothing_above_1': ({'optimizer.label_smoothing': 1.5}, 'config.optimizer.label_smoothing'),
+    'init_dont_load_bad_regex': ({'init_dont_load': ['head/[']},
+                                 "'head/[' is not a regular expression"),
+    'label_smoothing_above_1': ({'optimizer.label_smoothing': 1.5},
+                                'config.optimizer.label_smoothing'),
 }
 for _name, (_changes, _expect) in BAD_CONFIGS.items():
   API_CASES[_name] = (_refused_training(**_changes), _expect)
@@ -309,7 +316,8 @@ API_CASES['init_from_nan'] = (_init_from(with_nan), 'params/cls (1, 1, 32) has 1
 API_CASES['init_from_inf'] = (_init_from(with_inf), 'params/cls (1, 1, 32) has 1 Inf values')
 API_CASES['init_from_int32'] = (_init_from(lambda a: a.astype(np.int32)),
                                 'params/cls (1, 1, 32) holds int32 values, not floating point')
-API_CASES['init_from_bool'] = (_init_from(lambda a: a > 0), 'params/cls (1, 1, 32) holds bool values')
+API_CASES['init_from_bool'] = (_init_from(lambda a: a > 0),
+                               'params/cls (1, 1, 32) holds bool values')
 
 
 @case(None)
@@ -361,7 +369,8 @@ API_CASES['adapter_config_model_null'] = (_adapter_config({'model': None}), '"mo
 
 MEANING = {
     'adapter.scale': (0.5, 'adapter.scale: adapters 0.5 vs config 0.1'),
-    'adapter.placement': ('sequential', "adapter.placement: adapters 'sequential' vs config 'parallel'"),
+    'adapter.placement': ('sequential',
+                          "adapter.placement: adapters 'sequential' vs config 'parallel'"),
     'adapter.layernorm': ('in', "adapter.layernorm: adapters 'in' vs config 'none'"),
     'lora.alpha': (16.0, 'lora.alpha: adapters 16.0 vs config 8.0'),
     'vpt.num_tokens': (4, 'vpt.num_tokens: adapters 4 vs config 1'),
@@ -406,8 +415,10 @@ def _damaged_latest_step(damage):
   return run
 
 
-API_CASES['flipped_byte_in_tensor_data'] = (_damaged_latest_step(lambda s: flip_byte(data_file(s))), None)
-API_CASES['tensor_file_missing'] = (_damaged_latest_step(lambda s: os.remove(data_file(s))), None)
+API_CASES['flipped_byte_in_tensor_data'] = (
+    _damaged_latest_step(lambda step: flip_byte(data_file(step))), None)
+API_CASES['tensor_file_missing'] = (
+    _damaged_latest_step(lambda step: os.remove(data_file(step))), None)
 
 
 @case('content differs from its SHA-256 in manifest.sha256')
@@ -657,9 +668,11 @@ def cli_ctrl_c_during_eval(c):
 CLI_CASES = {
     'help': (cli_help, None, 0),
     'nonfinite_typo': (cli_nonfinite_typo, "config.nonfinite: must be one of 'stop', 'skip'", 2),
-    'hand_edited_config_json': (cli_eval_with_hand_edited_config_json, "model.width: must be an integer >= 1, got 'abc'", 2),
+    'hand_edited_config_json': (cli_eval_with_hand_edited_config_json,
+                                "model.width: must be an integer >= 1, got 'abc'", 2),
     'two_concurrent_runs': (cli_two_concurrent_runs, 'is in use by another training run', 2),
-    'disk_full': (cli_disk_full_during_checkpoint_save, 'saving checkpoint step 15 failed: the device is full', 2),
+    'disk_full': (cli_disk_full_during_checkpoint_save,
+                  'saving checkpoint step 15 failed: the device is full', 2),
     'read_only_workdir_eval': (cli_eval_of_a_read_only_workdir, None, 0),
     'ctrl_c_during_eval': (cli_ctrl_c_during_eval, None, 130),
 }
