@@ -1,7 +1,8 @@
 """One validation of a run config: structure, types, ranges and enumerations.
 
-Applied where a config enters -- the CLI's `--config` with its overrides, every
-job of the library (`train.Run`), and a workdir's `config.json` read back -- so
+Applied where a config enters: `train.setup`, which every job (train, eval,
+export; from the CLI's `--config` with its overrides or the library) starts with,
+and `workdirs.load_config`, for a workdir's `config.json` read back. So
 that a hand-edited `{}`, a `width: "abc"` or a zero batch ends in one ConfigError
 listing every bad field, before anything is compiled, trained or written.
 Fields this table does not name are left to the code that reads them.
@@ -118,8 +119,6 @@ SCHEMA = {
     'checkpoint_every_steps': POSITIVE, 'keep_checkpoints': POSITIVE,
     'progress': boolean,
 }
-# Sections only some configs have (the transfer experiment of configs/demo.py).
-OPTIONAL = {'experiment': one_of('transfer'), 'pretrain': anything, 'methods': anything}
 
 
 def problems(config: Any) -> list[str]:
@@ -131,8 +130,6 @@ def problems(config: Any) -> list[str]:
   if not set(config) & set(SCHEMA):
     return [f"holds none of a run config's fields ({', '.join(list(SCHEMA)[:4])}, ...)"]
   found = _check(config, SCHEMA, '')
-  found += [f'{k}: {why}, got {config[k]!r}' for k, check in OPTIONAL.items()
-            if k in config for why in [check(config[k])] if why]
   if not any(p.startswith('model') for p in found):
     try:
       presets.validate(ml_collections.ConfigDict(config['model']))
