@@ -51,7 +51,7 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str | None = None
   run = train.setup(config)[1].run
   variables = train.init_variables(config, run.model, jax.random.key(config.seed))
   variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
-  return run, run.place(variables)
+  return run, run.place(run.stored(variables))
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,

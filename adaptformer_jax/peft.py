@@ -4,6 +4,7 @@ from typing import Any
 
 import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -44,6 +45,18 @@ def count(tree: Any, mask: Any = None) -> int:
   if mask is not None:
     sizes = jax.tree.map(lambda s, m: s if m else 0, sizes, mask)
   return int(sum(jax.tree.leaves(sizes)))
+
+
+def store_frozen(params: Any, mask: Any, dtype: Any) -> Any:
+  """Frozen floating leaves cast to `dtype` (storage only: layers compute in model.dtype).
+
+  bfloat16 halves the frozen backbone's memory; trainable leaves, and so their
+  gradients and optimizer state, keep their float32.
+  """
+  dtype = jnp.dtype(dtype)
+  return jax.tree.map(
+      lambda p, m: p if m or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype),
+      params, mask)
 
 
 def freeze(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:

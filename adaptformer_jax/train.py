@@ -162,18 +162,24 @@ class Run:
     self.mesh = sharding.make_mesh(config.get('model_parallel', 1))
     self.model = models.build(config.model)
     size = config.model.image_size
-    self.abstract_variables = jax.eval_shape(
+    fresh = jax.eval_shape(
         lambda: self.model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    self.mask = peft.trainable_mask(self.abstract_variables['params'], config.model)
+    self.mask = peft.trainable_mask(fresh['params'], config.model)
+    self.abstract_variables = jax.eval_shape(self.stored, fresh)
+
+  def stored(self, variables: dict[str, Any]) -> dict[str, Any]:
+    """`variables` with the frozen parameters in model.frozen_dtype, as the state keeps them."""
+    params = peft.store_frozen(variables['params'], self.mask, self.config.model.frozen_dtype)
+    return {**variables, 'params': params}
 
   def place(self, tree: Any) -> Any:
     """Puts a pytree of arrays on the mesh with the partitioning rules of `sharding`."""
     return jax.device_put(tree, sharding.tree_shardings(tree, self.mesh))
 
   def initial_variables(self) -> dict[str, Any]:
-    """`init_variables` for this config's seed, placed on the mesh."""
-    return self.place(init_variables(self.config, self.model,
-                                     jax.random.key(self.config.seed)))
+    """`init_variables` for this config's seed, stored as the state keeps them, on the mesh."""
+    return self.place(self.stored(init_variables(self.config, self.model,
+                                                 jax.random.key(self.config.seed))))
 
   def param_counts(self) -> tuple[int, int]:
     """(trainable, total) parameter counts of this config's model."""

@@ -18,6 +18,7 @@ from adaptformer_jax import models
 from adaptformer_jax import recipes
 from adaptformer_jax import sharding
 from adaptformer_jax import train
+import machine
 
 
 def images_per_second(step, batch, warmup, iters):
@@ -40,6 +41,7 @@ def main():
                       help='tfds data_dir (default: a fresh temporary one)')
   args = parser.parse_args()
   data_dir = args.data_dir or tempfile.mkdtemp(prefix='tfds_')
+  print(machine.describe())
 
   model = models.preset('vit_ti16', num_classes=10, tuning='adaptformer',
                         image_size=args.image_size)

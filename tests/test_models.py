@@ -1,4 +1,6 @@
 """Model presets, parameter counts, tuning variants and config validation."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 
 from adaptformer_jax import models
 from adaptformer_jax import peft
+from adaptformer_jax.models import vit
 from conftest import tiny_cfg
 
 
@@ -145,3 +148,38 @@ def test_unknown_preset_suggests_the_close_name():
 def test_unknown_tuning_names_the_allowed_methods():
   with pytest.raises(ValueError, match="did you mean 'adaptformer'.*allowed: full, linear"):
     tiny_cfg(tuning='adaptformr')
+
+
+def test_attention_xla_and_auto_agree_within_bfloat16_tolerance():
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  xla = models.build(tiny_cfg(dtype='bfloat16', attention='xla'))
+  auto = models.build(tiny_cfg(dtype='bfloat16', attention='auto'))
+  f32 = models.build(tiny_cfg(attention='xla'))
+  variables = xla.init(jax.random.key(0), images)
+  logits = xla.apply(variables, images)
+  np.testing.assert_allclose(logits, auto.apply(variables, images), atol=2e-2)
+  np.testing.assert_allclose(logits, f32.apply(variables, images), atol=5e-2)
+
+
+@pytest.mark.parametrize('platform,kind,dtype,head_dim,expected', [
+    ('gpu', 'NVIDIA H100 80GB HBM3', 'bfloat16', 64, 'cudnn'),
+    ('gpu', 'NVIDIA H100 80GB HBM3', 'float32', 64, 'xla'),  # cuDNN's kernel is bf16/f16
+    ('gpu', 'NVIDIA A100-SXM4-80GB', 'bfloat16', 12, 'xla'),  # head dim not a multiple of 8
+    ('gpu', 'AMD Instinct MI300X', 'bfloat16', 64, 'xla'),
+    ('cpu', 'cpu', 'bfloat16', 64, 'xla'),
+])
+def test_auto_attention_picks_cudnn_only_where_it_applies(platform, kind, dtype, head_dim,
+                                                          expected):
+  device = types.SimpleNamespace(platform=platform, device_kind=kind)
+  assert vit.attention_implementation('auto', dtype, head_dim, device) == expected
+  assert vit.attention_implementation('xla', dtype, head_dim, device) == 'xla'
+
+
+def test_cudnn_attention_where_it_cannot_run_is_a_clear_config_error():
+  images = jnp.ones((1, 32, 32, 3))
+  model = models.build(tiny_cfg(dtype='bfloat16', attention='cudnn'))
+  with pytest.raises(ValueError, match=r"model\.attention='cudnn' needs an NVIDIA GPU.*"
+                                       r"use 'auto' or 'xla'"):
+    model.init(jax.random.key(0), images)
+  with pytest.raises(ValueError, match=r"model\.attention: 'flash' is not one of"):
+    tiny_cfg(attention='flash')

@@ -30,6 +30,8 @@ CHOICES = {
     'adapter.layernorm': ('none', 'in', 'out'),
     'adapter.placement': ('parallel', 'sequential'),
     'dtype': ('float32', 'bfloat16'),
+    'frozen_dtype': ('float32', 'bfloat16'),
+    'attention': ('auto', 'xla', 'cudnn'),
 }
 
 def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -54,7 +56,13 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       lora=dict(rank=8, alpha=8.0),
       # Regexes over parameter paths that train; empty = the tuning method's.
       trainable=(),
-      dtype='float32',  # compute dtype; parameters stay float32
+      dtype='float32',  # compute dtype; trainable parameters stay float32
+      # Storage dtype of the frozen parameters: 'bfloat16' halves the backbone's
+      # memory; trainable leaves and their optimizer state stay float32.
+      frozen_dtype='float32',
+      # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (fused, NVIDIA
+      # GPUs, bf16) or 'auto' (cuDNN where it applies, XLA elsewhere).
+      attention='auto',
       # 'none' | 'block' | 'dots' or False | True, see vit.REMAT; untyped, so both
       # `--config.model.remat=dots` and `=True` parse.
       remat=ml_collections.FieldReference(False, field_type=object),

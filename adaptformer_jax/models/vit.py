@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.models import methods
 from adaptformer_jax.models import peft_layers
 
@@ -32,6 +33,25 @@ REMAT_POLICIES = {
 }
 
 
+def attention_implementation(choice: str, dtype, head_dim: int, device=None) -> str:
+  """model.attention -> jax.nn.dot_product_attention's implementation ('xla' | 'cudnn').
+
+  'auto' takes cuDNN's fused (flash) kernel where it applies -- an NVIDIA GPU,
+  bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128 -- and XLA's
+  unfused attention everywhere else (CPU, TPU, f32).
+  """
+  device = device or jax.devices()[0]
+  usable = (device.platform == 'gpu' and 'nvidia' in device.device_kind.lower()
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
+  if choice == 'cudnn' and not usable:
+    raise ConfigError(
+        f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype='bfloat16' and a "
+        f'head dim that is a multiple of 8 up to 128 (here: {device.device_kind}, '
+        f"{jnp.dtype(dtype).name}, {head_dim}); use 'auto' or 'xla'.")
+  return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable) else 'xla'
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with fused qkv (bias on) and optional LoRA on q, v."""
   cfg: ml_collections.FrozenConfigDict
@@ -50,7 +70,9 @@ class Attention(nn.Module):
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
     split = lambda t: t.reshape(b, n, heads, d // heads)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    implementation = attention_implementation(self.cfg.attention, self.dtype, d // heads)
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v),
+                                       implementation=implementation)
     return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init,
                     name='out')(out.reshape(b, n, d))
 
