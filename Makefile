@@ -29,7 +29,7 @@ test: install
 
 # gpu_check.py wants a GPU (see benchmarks/RESULTS.md); machine.py and steps.py are helpers.
 bench: install
-	for b in train_step_vs_torch adapter_vs_full memory input_pipeline; do \
+	for b in train_step_vs_torch adapter_vs_full memory input_pipeline checkpoint_manifest; do \
 	  echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
