@@ -47,6 +47,10 @@ _TORCH_PARAMS = {
 }
 _TORCH_LEAVES = ((r'cls_token', 'cls'), (r'pos_embed', 'pos_embedding'),
                  (r'blocks\.(\d+)\.adaptmlp\.scale', r'block\1/adapter/scale'),
+                 # VideoMAE/BEiT attention: q and v biases, none for k.
+                 (r'blocks\.(\d+)\.attn\.([qv])_bias', r'block\1/attn/\2_bias'),
+                 # LayerScale: VideoMAE/BEiT `gamma_1/2`, timm `ls1/2.gamma`.
+                 (r'blocks\.(\d+)\.(?:gamma_|ls)([12])(?:\.gamma)?', r'block\1/ls\2'),
                  (r'prompts', 'prompts'))  # stacked from the official `embeddings.N`
 # Pretraining-only parts of MAE checkpoints, and BatchNorm's step counter.
 _TORCH_IGNORED = re.compile(r'decoder_.*|mask_token|.*\.num_batches_tracked')
@@ -86,8 +90,7 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
     {'params': ..., 'batch_stats': ... (bn_linear head only)} of numpy arrays.
   """
   model = presets.build(model_cfg)
-  size = model_cfg.image_size
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  dummy = jnp.zeros((1, *presets.input_shape(model_cfg)), jnp.float32)
   target = flax.traverse_util.flatten_dict(
       jax.eval_shape(model.init, jax.random.key(0), dummy), sep='/')
 
@@ -345,6 +348,8 @@ def _convert_torch(flat):
       value = value.T
     elif kind == 'conv' and value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    elif kind == 'conv' and value.ndim == 5:
+      value = value.transpose(2, 3, 4, 1, 0)  # video tubelets: OITHW -> THWIO
     out[('batch_stats/' if kind == 'bn' else 'params/') + leaf] = (value, src)
   return out
 

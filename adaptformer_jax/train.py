@@ -108,8 +108,7 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module,
   Leaves matching a `config.init_dont_load` regex (e.g. 'head/.*' to start a new
   task's classifier afresh) keep their fresh values, as big_vision's dont_load.
   """
-  size = config.model.image_size
-  fresh = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+  fresh = model.init(rng, jnp.zeros((1, *models.input_shape(config.model))), train=False)
   if not config.init_from:
     return dict(fresh)
   loaded = pretrained.load(config.init_from, config.model, init_variables=fresh)
@@ -161,9 +160,8 @@ class Run:
     self.config = config
     self.mesh = sharding.make_mesh(config.get('model_parallel', 1))
     self.model = models.build(config.model)
-    size = config.model.image_size
-    fresh = jax.eval_shape(
-        lambda: self.model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    example = jnp.zeros((1, *models.input_shape(config.model)))
+    fresh = jax.eval_shape(lambda: self.model.init(jax.random.key(0), example))
     self.mask = peft.trainable_mask(fresh['params'], config.model)
     self.abstract_variables = jax.eval_shape(self.stored, fresh)
 

@@ -24,6 +24,16 @@ def tiny_cfg(**overrides):
   return models.preset('vit_ti16', adapter=adapter, **base)
 
 
+def tiny_video_cfg(**overrides):
+  """A width-32, depth-2 VideoMAE-style model on 4-frame 32 px clips (2x8x8 tubelets)."""
+  base = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+              image_size=32, num_frames=4, num_classes=5)
+  base.update(overrides)
+  adapter = dict(bottleneck=8)
+  adapter.update(base.pop('adapter', {}))
+  return models.preset('videomae_s16', adapter=adapter, **base)
+
+
 @pytest.fixture
 def ref():
   """tests/torch_reference.py, the independent PyTorch port (skips without torch)."""

@@ -22,13 +22,29 @@ PRESETS = {
     'vit_h14': (14, 1280, 32, 16, 5120),
     'vit_g14': (14, 1408, 40, 16, 6144),
     'vit_G14': (14, 1664, 48, 16, 8192),
+    # VideoMAE (Tong et al. 2022): the same ViTs on 2x16x16 tubelets, see VIDEOMAE.
+    'videomae_s16': (16, 384, 12, 6, 1536),
+    'videomae_b16': (16, 768, 12, 12, 3072),
+    'videomae_l16': (16, 1024, 24, 16, 4096),
 }
 
+# What the VideoMAE presets change in the image ViT, as the official video
+# AdaptFormer (models/vit_video.py) computes it: 3-D patches, a fixed sinusoidal
+# table, no class token, mean pooling + fc_norm, q and v biases only, and
+# adapters with the blocks' dropout (0.0) instead of the image code's 0.1.
+VIDEOMAE = dict(patch_embed='tubelet', num_frames=16, tubelet=2, posemb='sincos',
+                class_token=False, pool='gap', qkv_bias='qv', adapter=dict(dropout=0.0))
+FAMILIES = {'videomae': VIDEOMAE}
+
 CHOICES = {
+    'patch_embed': ('2d', 'tubelet'),
+    'posemb': ('learned', 'sincos'),
+    'qkv_bias': ('qkv', 'qv', 'none'),
     'pool': ('cls', 'gap'),
     'head': ('linear', 'bn_linear'),
     'adapter.layernorm': ('none', 'in', 'out'),
     'adapter.placement': ('parallel', 'sequential'),
+    'adapter.init': ('lora', 'trunc_normal'),
     'dtype': ('float32', 'bfloat16'),
     'frozen_dtype': ('float32', 'bfloat16'),
     'attention': ('auto', 'xla', 'cudnn'),
@@ -38,6 +54,7 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """A model ConfigDict for preset `name`, with top-level or nested overrides.
 
   Nested sections take dicts: `preset('vit_b16', adapter=dict(bottleneck=16))`.
+  Video presets (`videomae_*`) take clips (T, H, W, 3): see `input_shape`.
   """
   if name not in PRESETS:
     raise ConfigError(
@@ -48,10 +65,18 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       name=name, patch_size=patch, width=width, depth=depth, num_heads=heads,
       mlp_dim=mlp_dim, image_size=224, num_classes=1000, pool='cls',
       head='linear', head_init_std=0.01, tuning='adaptformer',
+      # '2d' patches of images (B, H, W, 3), or 'tubelet': (tubelet, p, p)
+      # patches of clips (B, num_frames, H, W, 3).
+      patch_embed='2d', num_frames=1, tubelet=1,
+      posemb='learned',  # a parameter, or 'sincos': fixed, recomputed per token count
+      class_token=True,
+      qkv_bias='qkv',    # 'qkv' | 'qv' (VideoMAE/BEiT: no k bias) | 'none'
+      # LayerScale init value (CaiT), None = off.
+      layerscale=ml_collections.FieldReference(None, field_type=float),
       # Official AdaptFormer defaults: ffn_num=64, fixed scale 0.1, no LN,
-      # dropout 0.1, parallel to the MLP.
+      # dropout 0.1, parallel to the MLP; init 'lora' (up projection zero).
       adapter=dict(bottleneck=64, scale=0.1, layernorm='none', dropout=0.1,
-                   placement='parallel'),
+                   placement='parallel', init='lora'),
       vpt=dict(num_tokens=1),  # official --vpt_num default
       lora=dict(rank=8, alpha=8.0),
       # Regexes over parameter paths that train; empty = the tuning method's.
@@ -67,6 +92,13 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       # `--config.model.remat=dots` and `=True` parse.
       remat=ml_collections.FieldReference(False, field_type=object),
   ))
+  _override(cfg, FAMILIES.get(name.split('_')[0], {}))
+  _override(cfg, overrides)
+  validate(cfg)
+  return cfg
+
+
+def _override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
   for key, value in overrides.items():
     if key not in cfg:
       raise ConfigError(
@@ -80,8 +112,6 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
         _assign(cfg[key], sub, sub_value)
     else:
       _assign(cfg, key, value)
-  validate(cfg)
-  return cfg
 
 
 def _assign(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -112,6 +142,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f'model.image_size: {cfg.image_size} is not a positive multiple of the '
         f'patch size {cfg.patch_size}; use e.g. '
         f'{max(1, round(cfg.image_size / cfg.patch_size)) * cfg.patch_size}.')
+  if cfg.pool == 'cls' and not cfg.class_token:
+    raise ConfigError("model.pool: 'cls' needs model.class_token=True; use pool='gap'.")
+  if cfg.num_frames <= 0 or cfg.tubelet <= 0 or cfg.num_frames % cfg.tubelet:
+    raise ConfigError(
+        f'model.num_frames: {cfg.num_frames} is not a positive multiple of '
+        f'model.tubelet {cfg.tubelet}.')
+  if cfg.patch_embed == '2d' and (cfg.num_frames, cfg.tubelet) != (1, 1):
+    raise ConfigError("model.num_frames/tubelet: only a 'tubelet' patch embedding "
+                      "takes clips; set model.patch_embed='tubelet' or both to 1.")
+  if cfg.layerscale is not None and not cfg.layerscale > 0:
+    raise ConfigError(f'model.layerscale: must be > 0 or None (off), got {cfg.layerscale}.')
   if cfg.width % cfg.num_heads:
     raise ConfigError(f'model.num_heads: {cfg.num_heads} does not divide '
                       f'model.width {cfg.width}.')
@@ -132,6 +173,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.lora.rank <= 0:
     raise ConfigError(f'model.lora.rank: must be > 0, got {cfg.lora.rank}.')
   methods.parse(cfg.tuning)
+
+
+def input_shape(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """One example's shape: (H, W, 3) for images, (T, H, W, 3) for video clips."""
+  image = (model_cfg.image_size, model_cfg.image_size, 3)
+  return image if model_cfg.patch_embed == '2d' else (model_cfg.num_frames, *image)
+
+
+def token_grid(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The patch grid: (h, w) for images, (t, h, w) for video clips."""
+  side = model_cfg.image_size // model_cfg.patch_size
+  return (side, side) if model_cfg.patch_embed == '2d' else (
+      model_cfg.num_frames // model_cfg.tubelet, side, side)
 
 
 def build(model_cfg: ml_collections.ConfigDict) -> vit.VisionTransformer:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.models import methods
@@ -53,7 +54,12 @@ def attention_implementation(choice: str, dtype, head_dim: int, device=None) -> 
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with fused qkv (bias on) and optional LoRA on q, v."""
+  """Multi-head self-attention with fused qkv and optional LoRA on q, v.
+
+  `qkv_bias`: 'qkv' one fused bias; 'qv' separate q and v biases and no k bias
+  (VideoMAE/BEiT: a k bias cancels in the softmax, so they never learn one);
+  'none' no bias.
+  """
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
   lora: bool = False
@@ -62,8 +68,12 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     heads = self.cfg.num_heads
-    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
+    qkv = nn.Dense(3 * d, use_bias=self.cfg.qkv_bias == 'qkv', dtype=self.dtype,
+                   kernel_init=dense_init, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
+    if self.cfg.qkv_bias == 'qv':
+      q = q + self.param('q_bias', nn.initializers.zeros, (d,)).astype(q.dtype)
+      v = v + self.param('v_bias', nn.initializers.zeros, (d,)).astype(v.dtype)
     if self.lora:
       lora = functools.partial(peft_layers.LoRA, d, self.cfg.lora.rank,
                                self.cfg.lora.alpha, self.dtype)
@@ -99,21 +109,28 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = x + Attention(self.cfg, self.dtype, self.lora, name='attn')(
-        LayerNorm(dtype=self.dtype, name='norm1')(x))
+    x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.lora, name='attn')(
+        LayerNorm(dtype=self.dtype, name='norm1')(x)))
     adapter = None
     if self.adapter:
       a = self.cfg.adapter
       adapter = peft_layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
-                                     self.dtype, name='adapter')
+                                     self.dtype, a.init, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
-    h = Mlp(self.cfg, self.dtype, name='mlp')(
-        LayerNorm(dtype=self.dtype, name='norm2')(x))
+    h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, name='mlp')(
+        LayerNorm(dtype=self.dtype, name='norm2')(x)))
     if adapter is not None:
       h = h + (adapted if self.cfg.adapter.placement == 'parallel'
                else adapter(h, train))
     return x + h
+
+  def layerscale(self, name: str, h: jax.Array) -> jax.Array:
+    """CaiT's LayerScale: a learned per-channel gain on a residual branch (model.layerscale = its init)."""
+    if self.cfg.layerscale is None:
+      return h
+    gamma = self.param(name, nn.initializers.constant(self.cfg.layerscale), (h.shape[-1],))
+    return h * gamma.astype(h.dtype)
 
 
 class Head(nn.Module):
@@ -131,8 +148,22 @@ class Head(nn.Module):
                     )(x)
 
 
+def sinusoid_table(num_tokens: int, width: int) -> np.ndarray:
+  """The fixed 1-D sin/cos table of "Attention is all you need", as VideoMAE's
+  `get_sinusoid_encoding_table`: (1, num_tokens, width) float32.
+
+  It is a function of the token count, not a parameter, so a checkpoint never
+  holds it and any clip length or frame size gets its own table.
+  """
+  position = np.arange(num_tokens, dtype=np.float64)[:, None]
+  angle = position / np.power(10000, 2 * (np.arange(width) // 2) / width)
+  angle[:, 0::2], angle[:, 1::2] = np.sin(angle[:, 0::2]), np.cos(angle[:, 1::2])
+  return angle[None].astype(np.float32)
+
+
 class VisionTransformer(nn.Module):
-  """ViT classifier; `cfg` is a model ConfigDict from `presets.preset`.
+  """ViT classifier for images (B, H, W, 3) or, with a tubelet patch embedding,
+  videos (B, T, H, W, 3); `cfg` is a model ConfigDict from `presets.preset`.
 
   The tuning method is parsed here, once; the blocks get plain booleans.
   """
@@ -144,14 +175,20 @@ class VisionTransformer(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     tuning = methods.parse(cfg.tuning)
     p = cfg.patch_size
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
+    # A video tubelet is a 3-D patch: kernel = stride = (tubelet, p, p).
+    patch = (p, p) if cfg.patch_embed == '2d' else (cfg.tubelet, p, p)
+    x = nn.Conv(cfg.width, patch, strides=patch, padding='VALID', dtype=dtype,
                 kernel_init=dense_init, name='embedding')(images)
     b = x.shape[0]
-    x = x.reshape(b, -1, cfg.width)
-    cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, cfg.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.width)).astype(x.dtype), x], 1)
-    pos = self.param('pos_embedding', nn.initializers.normal(0.02),
-                     (1, x.shape[1], cfg.width))
+    x = x.reshape(b, -1, cfg.width)  # (t,) h, w order, as torch's flatten(2)
+    if cfg.class_token:
+      cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, cfg.width))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.width)).astype(x.dtype), x], 1)
+    if cfg.posemb == 'learned':
+      pos = self.param('pos_embedding', nn.initializers.normal(0.02),
+                       (1, x.shape[1], cfg.width))
+    else:
+      pos = sinusoid_table(x.shape[1], cfg.width)
     x = x + pos.astype(x.dtype)
 
     vpt = tuning.vpt
@@ -176,5 +213,5 @@ class VisionTransformer(nn.Module):
     if cfg.pool == 'cls':
       x = LayerNorm(name='norm')(x)[:, 0]
     else:
-      x = LayerNorm(name='fc_norm')(x[:, 1:].mean(axis=1))
+      x = LayerNorm(name='fc_norm')(x[:, int(cfg.class_token):].mean(axis=1))
     return Head(cfg, name='head')(x.astype(jnp.float32), train)
