@@ -1,7 +1,8 @@
 """Loading pretrained ViT checkpoints into this project's parameter tree.
 
-`load` reads the official AdaptFormer / MAE / timm PyTorch checkpoints,
-big_vision (AugReg) `.npz` files and this project's own exports, and returns
+`load` reads the official AdaptFormer (image and video) / MAE / VideoMAE / timm
+PyTorch checkpoints, big_vision (AugReg) `.npz` files and this project's own
+exports, and returns
 variables shaped exactly like `models.build(cfg).init(...)`. Layouts are told
 apart by their keys, so users never name the format. Anything that would load
 silently wrong (missing backbone weights, leftover keys, wrong shapes) is one
@@ -52,8 +53,14 @@ _TORCH_LEAVES = ((r'cls_token', 'cls'), (r'pos_embed', 'pos_embedding'),
                  # LayerScale: VideoMAE/BEiT `gamma_1/2`, timm `ls1/2.gamma`.
                  (r'blocks\.(\d+)\.(?:gamma_|ls)([12])(?:\.gamma)?', r'block\1/ls\2'),
                  (r'prompts', 'prompts'))  # stacked from the official `embeddings.N`
-# Pretraining-only parts of MAE checkpoints, and BatchNorm's step counter.
-_TORCH_IGNORED = re.compile(r'decoder_.*|mask_token|.*\.num_batches_tracked')
+# Pretraining-only parts of MAE / VideoMAE checkpoints, and BatchNorm's step counter.
+_TORCH_IGNORED = re.compile(
+    r'decoder_.*|decoder\..*|encoder_to_decoder\..*|mask_token|.*\.num_batches_tracked')
+# VideoMAE's pre-training files nest the ViT under `encoder.`.
+_ENCODER_PREFIX = 'encoder.'
+# State-dict wrappers: official/MAE/VideoMAE training scripts, VideoMAE's
+# deepspeed `module`, timm/lightning `state_dict`.
+_TORCH_WRAPPERS = ('model', 'module', 'state_dict')
 
 # big_vision / vit_jax names (AugReg uses LayerNorm_0/2, MlpBlock_3; big_vision LayerNorm_0/1).
 _BV_MODULES = (
@@ -103,7 +110,7 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
     logging.info('%s: the final norm is unused with pool=gap; fc_norm keeps its '
                 'initial (identity) value, as in MAE.', path)
     converted = {k: v for k, v in converted.items() if not k.startswith('params/norm/')}
-  loaded, problems = _match(converted, target)
+  loaded, problems = _match(converted, target, presets.token_grid(model_cfg))
   missing = sorted(set(target) - set(loaded))
   own_export = layout == 'this project'
   if not (own_export and init_variables is not None):
@@ -211,7 +218,7 @@ def _read_torch(path):
       obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise _unreadable(path, 'a PyTorch checkpoint', e) from None
-  for wrapper in ('model', 'state_dict'):  # official/MAE training script, timm/lightning
+  for wrapper in _TORCH_WRAPPERS:
     if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
       obj = obj[wrapper]
       break
@@ -286,9 +293,14 @@ def _convert(path, flat, kind):
     return 'big_vision', _convert_big_vision(flat)
   if any(k.startswith(('blocks.', 'patch_embed.')) for k in keys):
     return 'torch', _convert_torch(flat)
+  if any(k.startswith(_ENCODER_PREFIX + 'blocks.') for k in keys):
+    logger.info('%s: a VideoMAE pre-training file; its encoder is the backbone, the '
+                'decoder is dropped.', path)
+    return 'torch', _convert_torch({k[len(_ENCODER_PREFIX):]: v for k, v in flat.items()
+                                    if k.startswith(_ENCODER_PREFIX)})
   raise UserError(
       f'{path}: unknown checkpoint layout (first keys: {sorted(keys)[:4]}); expected the '
-      'official AdaptFormer/MAE or timm ViT (blocks.N...), big_vision/AugReg '
+      'official AdaptFormer/MAE or timm ViT (blocks.N...), VideoMAE (encoder.blocks.N...), big_vision/AugReg '
       '(Transformer/encoderblock_N/...) or this project (params/...) layout.')
 
 
@@ -381,8 +393,11 @@ def _convert_big_vision(flat):
 # ---------------------------------------------------------------- matching
 
 
-def _match(converted, target):
-  """Checkpoint leaves fitted to the target tree, and the (our path, text) problems."""
+def _match(converted, target, grid):
+  """Checkpoint leaves fitted to the target tree, and the (our path, text) problems.
+
+  `grid` is the model's patch grid, (h, w) or (t, h, w) for video.
+  """
   loaded, unexpected, mismatched = {}, [], []
   shape = lambda a: tuple(np.shape(a))
   for key, (value, src) in converted.items():
@@ -391,7 +406,8 @@ def _match(converted, target):
       continue
     want = tuple(target[key].shape)
     if key == 'params/pos_embedding' and shape(value) != want and shape(value)[-1] == want[-1]:
-      value = _fit_posemb(value, want, src)
+      value = (_fit_posemb(value, want, src) if len(grid) == 2
+               else _fit_video_posemb(value, want, src, grid))
     elif (key.startswith('params/head/linear/') and shape(value) != want
           and shape(value)[:-1] == want[:-1]):
       if key.endswith('kernel'):
@@ -421,9 +437,44 @@ def _fit_posemb(value, want, src):
   return value
 
 
+def _fit_video_posemb(value, want, src, grid):
+  """A learned video table (prefix rows kept) resampled trilinearly to the model's
+  (t, h, w) grid. The checkpoint's grid is a t x h x h that fits its row count:
+  the one with the model's t (VideoMAE's own assumption), else its h, else its
+  t:h ratio."""
+  prefix = want[1] - math.prod(grid)
+  tokens = value.shape[1] - prefix
+  fits = [(t, math.isqrt(tokens // t)) for t in range(1, tokens + 1)
+          if tokens % t == 0 and math.isqrt(tokens // t) ** 2 == tokens // t]
+  old = next((f for rule in (lambda t, h: t == grid[0], lambda t, h: h == grid[1],
+                             lambda t, h: t * grid[1] == h * grid[0])
+              for f in fits if rule(*f)), None)
+  if old is None or grid[1] != grid[2]:
+    raise UserError(f'{src}: {tokens} position rows do not form a frames x side x side '
+                    f'grid to resample to the model grid {grid}; set model.num_frames '
+                    'and model.image_size to the checkpoint\'s.')
+  old_grid = (old[0], old[1], old[1])
+  logger.info('%s: resampling the video position embedding from a %s to a %s grid.',
+              src, 'x'.join(map(str, old_grid)), 'x'.join(map(str, grid)))
+  table = jnp.asarray(value[0, prefix:], jnp.float32).reshape(*old_grid, -1)
+  table = jax.image.resize(table, (*grid, table.shape[-1]), method='linear')
+  return np.concatenate([value[:, :prefix], np.asarray(table).reshape(1, -1, want[-1])], 1)
+
+
 _HINTS = (  # (our paths among unexpected/mismatched keys, the fix)
     (r'batch_stats/head/bn/.*', "the checkpoint has a BatchNorm head: set model.head='bn_linear'"),
     (r'params/fc_norm/.*', "the checkpoint pools by global average: set model.pool='gap'"),
+    (r'params/block\d+/attn/[qv]_bias', "the checkpoint has separate q and v biases "
+     "(VideoMAE/BEiT): set model.qkv_bias='qv'"),
+    (r'params/block\d+/attn/qkv/bias', "the checkpoint has a fused qkv bias: set "
+     "model.qkv_bias='qkv'"),
+    (r'params/block\d+/ls[12]', 'the checkpoint has LayerScale: set model.layerscale'),
+    (r'params/pos_embedding', "the checkpoint has a learned position table: set "
+     "model.posemb='learned' (a 'sincos' table is never stored)"),
+    (r'params/cls', 'the checkpoint has a class token: set model.class_token=True'),
+    (r'params/embedding/kernel', "the patch embeddings differ: a 5-D kernel is a video "
+     "tubelet (model.patch_embed='tubelet', model.tubelet = its first size, e.g. a "
+     "videomae_* preset), a 4-D one an image patch (model.patch_embed='2d')"),
 ) + methods.LOAD_HINTS
 
 
@@ -441,7 +492,8 @@ def _raise_or_warn(path, problems, strict, converted, model_cfg, own_export):
   hints = []
   depth = 1 + max((int(m.group(1)) for k in converted
                    for m in [re.match(r'params/block(\d+)/', k)] if m), default=-1)
-  width = np.shape(converted['params/cls'][0])[-1] if 'params/cls' in converted else None
+  width = (np.shape(converted['params/embedding/kernel'][0])[-1]
+           if 'params/embedding/kernel' in converted else None)
   if (depth and depth != model_cfg.depth) or width not in (None, model_cfg.width):
     hints.append(f'the checkpoint has depth {depth}, width {width} and the model depth '
                  f'{model_cfg.depth}, width {model_cfg.width}: choose the matching '
