@@ -236,7 +236,14 @@ def eval_dataset(config: ml_collections.ConfigDict, run: Run) -> Iterator[dict[s
   """The eval split in padded global batches on the run's mesh."""
   return data.eval_iterator(config.data, image_size=config.model.image_size,
                             global_batch=config.eval_batch_size,
-                            sharding=sharding.batch_sharding(run.mesh))
+                            sharding=sharding.batch_sharding(run.mesh),
+                            num_frames=_num_frames(config.model))
+
+
+def _num_frames(model_cfg: ml_collections.ConfigDict) -> int | None:
+  """The clip length a video model takes; None for image models."""
+  shape = models.input_shape(model_cfg)
+  return shape[0] if len(shape) == 4 else None
 
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
@@ -280,7 +287,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                peft.count(state.params), plan.total_updates, config.batch_size)
   train_iter = data.train_iterator(
       config.data, image_size=config.model.image_size, global_batch=plan.micro_batch,
-      sharding=sharding.batch_sharding(run.mesh), seed=config.seed, start_step=start)
+      sharding=sharding.batch_sharding(run.mesh), seed=config.seed, start_step=start,
+      num_frames=_num_frames(config.model))
   step_fn = trainer.jit_train_step()
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(total, start, plan.micro_batch, config.progress)

@@ -5,7 +5,10 @@ with a seed derived from (seed, e), and each example's augmentation is seeded by
 its position in that stream. Resuming at step s therefore skips s * batch
 undecoded records and reproduces the uninterrupted run exactly. Nothing here
 ever downloads: an unprepared dataset is a UserError that says how to prepare
-it, except the embedded `sklearn_digits` and `glyphs`, which build themselves offline.
+it, except the embedded `sklearn_digits`, `glyphs` and `moving_digits`, which
+build themselves offline. Video datasets (a tfds `video` feature, e.g. ucf101)
+take the same path with `num_frames` set; batches hold the model input under
+'image' either way: (B, H, W, 3) images or (B, T, H, W, 3) clips.
 """
 import collections
 import contextlib
@@ -24,6 +27,7 @@ import tensorflow_datasets as tfds
 from adaptformer_jax import sharding as sharding_lib
 from adaptformer_jax.data import embedded
 from adaptformer_jax.data import glyphs
+from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import preprocess
 from adaptformer_jax.errors import UserError
 
@@ -66,20 +70,21 @@ def check_num_classes(dataset_info: DatasetInfo, model_num_classes: int) -> None
 
 def train_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
                    global_batch: int, sharding: NamedSharding, seed: int,
-                   start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+                   start_step: int = 0, num_frames: int | None = None
+                   ) -> Iterator[dict[str, jax.Array]]:
   """Endless {'image', 'label'} global batches; from `start_step` on, exactly
   the batches an uninterrupted run sees at those steps.
 
   `sharding` is a NamedSharding that splits the batch axis, e.g. P('data').
+  `num_frames` (video models) samples clips of that many frames.
   """
   local_batch = _local_batch(global_batch)
   builder = _builder(data_cfg)
   _count(builder, data_cfg.train_split, 'data.train_split')
   split = _process_split(data_cfg.train_split)
   num = _count(builder, split, 'data.train_split')
-  pp = preprocess.make(data_cfg.train_pp, image_size=image_size,
-                       normalize=data_cfg.normalize, field='data.train_pp')
-  decode = builder.info.features['image'].decode_example
+  pp = _preprocess(data_cfg, 'train_pp', image_size, num_frames, train=True)
+  decode = _decoder(builder, num_frames)
   records = _records(builder, split)
   buffer = min(int(data_cfg.shuffle_buffer), num)
   shuffle_key = _fold(tf.constant([0, seed], tf.int64), 0)
@@ -107,7 +112,8 @@ def train_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
 
 
 def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
-                  global_batch: int, sharding: NamedSharding) -> 'EvalBatches':
+                  global_batch: int, sharding: NamedSharding,
+                  num_frames: int | None = None) -> 'EvalBatches':
   """Re-iterable passes over the eval split: {'image', 'label', 'mask'} batches.
 
   The last batch is padded (mask 0.0) and every process yields the same number
@@ -119,9 +125,8 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
   counts = [_count(builder, s, 'data.eval_split')
             for s in tfds.even_splits(data_cfg.eval_split, n=jax.process_count())]
   num_batches = -(-max(counts) // local_batch)
-  pp = preprocess.make(data_cfg.eval_pp, image_size=image_size,
-                       normalize=data_cfg.normalize, field='data.eval_pp')
-  decode = builder.info.features['image'].decode_example
+  pp = _preprocess(data_cfg, 'eval_pp', image_size, num_frames, train=False)
+  decode = _decoder(builder, num_frames)
   key = tf.constant([0, 0], tf.int64)  # random eval ops stay deterministic
 
   def example(index, record):
@@ -129,8 +134,9 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
     return {'image': pp(decode(encoded), _fold(key, index)),
             'label': tf.cast(label, tf.int32), 'mask': tf.constant(1.0)}
 
+  frames = () if num_frames is None else (num_frames,)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros((image_size, image_size, 3)),
+      'image': tf.zeros((*frames, image_size, image_size, 3)),
       'label': tf.constant(0), 'mask': tf.constant(0.0)}).repeat()
   ds = _records(builder, _process_split(data_cfg.eval_split)).enumerate()
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE).concatenate(padding)
@@ -187,11 +193,36 @@ def _deterministic(ds):
   return ds.with_options(options)
 
 
+def _preprocess(data_cfg, field, image_size, num_frames, train):
+  video = {} if num_frames is None else dict(
+      num_frames=num_frames, frame_sampling=data_cfg.get('frame_sampling', 'dense'),
+      frame_stride=data_cfg.get('frame_stride', 1), train=train)
+  return preprocess.make(data_cfg[field], image_size=image_size,
+                         normalize=data_cfg.normalize, field=f'data.{field}', **video)
+
+
+def _input_key(builder):
+  return 'video' if 'video' in builder.info.features else 'image'
+
+
+def _decoder(builder, num_frames):
+  """The input feature's decoder, once the model and the data agree on images vs video."""
+  key = _input_key(builder)
+  if (key == 'video') != (num_frames is not None):
+    raise UserError(
+        f'data.name: {builder.name!r} holds {"videos" if key == "video" else "images"} '
+        f'but the model takes {"clips" if num_frames else "images"}; use a '
+        + ("video model (model.patch_embed='tubelet', e.g. a videomae_* preset)."
+           if key == 'video' else "model with model.patch_embed='2d', or a video dataset."))
+  return builder.info.features[key].decode_example
+
+
 def _records(builder, split):
-  """(encoded image, label) pairs in file order: cheap to skip, decoded later."""
+  """(encoded input, label) pairs in file order: cheap to skip, decoded later."""
+  key = _input_key(builder)
   ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  return ds.map(lambda ex: (ex['image'], ex['label']))
+                          decoders={key: tfds.decode.SkipDecoding()})
+  return ds.map(lambda ex: (ex[key], ex['label']))
 
 
 def _builder(data_cfg):
@@ -212,18 +243,19 @@ def _builder(data_cfg):
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
     known = tfds.list_builders(with_community_datasets=False)  # no network
-    known += [f'{cls.name}/{c.name}' for cls in (embedded.SklearnDigits, glyphs.Glyphs)
+    known += [f'{cls.name}/{c.name}' for cls in (embedded.SklearnDigits, glyphs.Glyphs,
+                                                  moving_digits.MovingDigits)
               for c in cls.BUILDER_CONFIGS]
     close = difflib.get_close_matches(dataset.name, known, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ''
     raise UserError(
         f'data.name: unknown dataset {name!r}{hint}; use a tfds image '
         f"classification dataset (tfds.list_builders()) or the offline "
-        f"'{embedded.NAME}/all'.") from None
+        f"'{embedded.NAME}/all' (images) or '{moving_digits.NAME}/direction' (video).") from None
   except (ValueError, AssertionError) as e:  # e.g. an unknown config or version
     raise UserError(f'data.name: cannot load {name!r} ({_reason(e)}){_configs(dataset.name)}.') from None
   if not builder.is_prepared():
-    if builder.name not in (embedded.NAME, glyphs.NAME):
+    if builder.name not in (embedded.NAME, glyphs.NAME, moving_digits.NAME):
       root = data_dir or tfds.core.constants.DATA_DIR
       raise UserError(
           f'data.name: dataset {name!r} is not prepared in data_dir {root!r} '
@@ -235,12 +267,13 @@ def _builder(data_cfg):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   features = dict(builder.info.features)
-  if not (isinstance(features.get('image'), tfds.features.Image)
+  if not ((isinstance(features.get('image'), tfds.features.Image)
+           or isinstance(features.get('video'), tfds.features.Video))
           and isinstance(features.get('label'), tfds.features.ClassLabel)):
     raise UserError(
-        f"data.name: {name!r} is not an image classification dataset: it needs "
-        f"an 'image' Image and a 'label' ClassLabel feature, it has "
-        f'{features}.')
+        f"data.name: {name!r} is not an image or video classification dataset: it "
+        f"needs an 'image' Image or a 'video' Video and a 'label' ClassLabel feature, "
+        f'it has {features}.')
   return builder
 
 
