@@ -139,3 +139,22 @@ def test_a_video_model_trains_on_moving_digits(video_dir, tmp_path):
   config.data.eval_split = 'test[:128]'
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['count'] == 128 and 0 <= result['top1'] <= 1
+
+
+def test_multi_scale_crop_takes_neighbouring_scales_at_fixed_offsets():
+  """On a (60, 80) image whose pixels hold their own coordinates, each crop's
+  corner and size must be one of GroupMultiScaleCrop's choices."""
+  rows, cols = np.meshgrid(np.arange(60), np.arange(80), indexing='ij')
+  image = tf.constant(np.stack([rows, cols, np.zeros_like(rows)], -1) / 100, tf.float32)
+  sizes = [int(60 * s) for s in (1, .875, .75, .66)]
+  seen = set()
+  for s in range(40):
+    crop = preprocess.OPS['multi_scale_crop'](image, tf.constant([s, 3], tf.int64), 60)
+    crop = crop.numpy() * 100
+    h = round(crop[-1, 0, 0] - crop[0, 0, 0]) + 1
+    w = round(crop[0, -1, 1] - crop[0, 0, 1]) + 1
+    top, left = round(crop[0, 0, 0]), round(crop[0, 0, 1])
+    assert h in sizes and w in sizes and abs(sizes.index(h) - sizes.index(w)) <= 1
+    assert left % ((80 - w) // 4 or 1) == 0 and top % ((60 - h) // 4 or 1) == 0
+    seen.add((h, w, top, left))
+  assert len(seen) > 10

@@ -99,6 +99,44 @@ def resize_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tenso
   return center_crop(_resize(image, scaled_h, scaled_w), None, size)
 
 
+# (w, h) multiples of the free space / 4 where GroupMultiScaleCrop may put a crop.
+_FIXED_OFFSETS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+                  (1, 1), (3, 1), (1, 3), (3, 3))
+_MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
+
+
+def multi_scale_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """TSN/VideoMAE GroupMultiScaleCrop(size, [1, .875, .75, .66]): the short side
+  times one scale by a neighbouring one (max_distort 1), at one of 13 fixed
+  offsets, bilinear to size. The official video AdaptFormer's training crop
+  (SSv2 and HMDB51 alike, no flip)."""
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  sizes = tf.cast(tf.cast(tf.minimum(height, width), tf.float32) * _MULTI_SCALES, tf.int32)
+  sizes = tf.where(tf.abs(sizes - size) < 3, size, sizes)
+  pairs = [(i, j) for i in range(len(_MULTI_SCALES)) for j in range(len(_MULTI_SCALES))
+           if abs(i - j) <= 1]
+  pair_seed, offset_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  pair = tf.gather(pairs, tf.random.stateless_uniform([], pair_seed, 0, len(pairs), tf.int32))
+  crop_h, crop_w = tf.gather(sizes, pair[0]), tf.gather(sizes, pair[1])
+  offset = tf.gather(_FIXED_OFFSETS, tf.random.stateless_uniform(
+      [], offset_seed, 0, len(_FIXED_OFFSETS), tf.int32))
+  left, top = offset[0] * ((width - crop_w) // 4), offset[1] * ((height - crop_h) // 4)
+  crop = image[top:top + crop_h, left:left + crop_w]
+  return tf.image.resize(crop, (size, size), method='bilinear', antialias=True)
+
+
+def short_side_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """Official video eval: shorter side bilinear to size, center crop size."""
+  del seed
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  scaled_h = tf.where(height <= width, size, size * height // width)
+  scaled_w = tf.where(height <= width, size * width // height, size)
+  image = tf.image.resize(image, (scaled_h, scaled_w), method='bilinear', antialias=True)
+  return center_crop(image, None, size)
+
+
 def center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """torchvision CenterCrop: crops, or zero-pads an image smaller than size."""
   del seed
@@ -106,9 +144,10 @@ def center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
 
 
 OPS = {op.__name__: op for op in (random_resized_crop, flip, pad_crop, resize,
-                                  resize_center_crop, center_crop)}
+                                  resize_center_crop, center_crop, multi_scale_crop,
+                                  short_side_center_crop)}
 SIZING_OPS = ('random_resized_crop', 'pad_crop', 'resize', 'resize_center_crop',
-              'center_crop')
+              'center_crop', 'multi_scale_crop', 'short_side_center_crop')
 
 
 def dense_frames(length: tf.Tensor, num_frames: int, stride: int, seed: tf.Tensor,
