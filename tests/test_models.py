@@ -9,6 +9,7 @@ import pytest
 from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax.models import vit
+from conftest import shipped_config
 from conftest import tiny_cfg
 from conftest import tiny_video_cfg
 
@@ -256,3 +257,15 @@ def test_cudnn_attention_where_it_cannot_run_is_a_clear_config_error():
     model.init(jax.random.key(0), images)
   with pytest.raises(ValueError, match=r"model\.attention: 'flash' is not one of"):
     tiny_cfg(attention='flash')
+
+
+@pytest.mark.parametrize('config_name,num_classes', [('ssv2', 174), ('hmdb51', 51)])
+def test_official_video_configs_train_adapters_head_and_fc_norm(config_name, num_classes):
+  config = shipped_config(config_name, 'adaptformer')
+  assert models.input_shape(config.model) == (8, 224, 224, 3)
+  assert (config.data.name, config.data.num_classes) == ('video_list', num_classes)
+  params = shapes(config.model)['params']
+  d = 768
+  # The official script also trains fc_norm (fresh in a VideoMAE pre-training file).
+  assert peft.count(params, peft.trainable_mask(params, config.model)) == (
+      1_189_632 + d * num_classes + num_classes + 2 * d)
