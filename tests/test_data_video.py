@@ -158,3 +158,20 @@ def test_multi_scale_crop_takes_neighbouring_scales_at_fixed_offsets():
     assert left % ((80 - w) // 4 or 1) == 0 and top % ((60 - h) // 4 or 1) == 0
     seen.add((h, w, top, left))
   assert len(seen) > 10
+
+
+def test_video_demo_adapts_the_backbone_its_first_command_trains():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from adaptformer_jax.models import methods  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'video_demo.py')
+  spec = importlib.util.spec_from_file_location('video_demo', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  backbone, demo = module.get_config('backbone'), module.get_config()
+  same = [f for f in methods.ARCHITECTURE_FIELDS if f not in ('tuning', 'num_classes')]
+  assert [backbone.model[f] for f in same] == [demo.model[f] for f in same]
+  assert demo.init_from.endswith(f'/checkpoints/{backbone.num_train_steps}')
+  assert (backbone.data.name, demo.data.name) == ('moving_digits/digit',
+                                                   'moving_digits/direction')
+  assert 'flip' not in demo.data.train_pp  # a flip would swap left and right
