@@ -12,7 +12,6 @@ for data on this host.
 import argparse
 import os
 import tempfile
-import time
 
 import av
 import jax
@@ -23,16 +22,8 @@ from adaptformer_jax import models
 from adaptformer_jax import recipes
 from adaptformer_jax import sharding
 from adaptformer_jax import train
-
-
-def clips_per_second(step, batch, warmup, iters):
-  """Calls `step()` (which blocks on its result) warmup + iters times."""
-  for _ in range(warmup):
-    step()
-  start = time.perf_counter()
-  for _ in range(iters):
-    step()
-  return batch * iters / (time.perf_counter() - start)
+from input_pipeline import images_per_second as clips_per_second  # benchmarks/ is on sys.path
+from input_pipeline import train_step_rate
 
 
 def write_videos(root, count, frames):
@@ -88,15 +79,7 @@ def main():
         f'{args.frames}-frame 240x320 mpeg4 -> {model.num_frames}x{args.image_size}px, '
         f'{config.data.train_pp})')
 
-  step_fn = trainer.jit_train_step()
-  state, batch = trainer.initial_state(), next(batches)
-
-  def step():
-    nonlocal state
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics['loss'])
-
-  stepping = clips_per_second(step, args.batch, 1, args.train_steps)
+  stepping = train_step_rate(trainer, next(batches), args.batch, args.train_steps)
   print(f'train step: {stepping:.2f} clips/s (videomae_s16 adaptformer, '
         f'{jax.device_count()} {jax.default_backend()} device(s))')
   print(f'load: {os.getloadavg()[0]:.1f}')

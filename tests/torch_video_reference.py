@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torch_reference import Adapter
+import torch_reference
 
 
 def get_sinusoid_encoding_table(n_position, d_hid):
@@ -47,40 +47,18 @@ class Attention(nn.Module):
     return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
-class Block(nn.Module):
-  """Official video block (fc1/fc2 on the block), with VideoMAE's optional LayerScale."""
+class Block(torch_reference.Block):
+  """Official video block: the image block (fc1/fc2 on the block) with the video
+  attention, and VideoMAE's optional LayerScale on the attention and MLP outputs."""
 
   def __init__(self, dim, num_heads, mlp_dim, adapter, init_values):
-    super().__init__()
-    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    super().__init__(dim, num_heads, mlp_dim, adapter)
     self.attn = Attention(dim, num_heads)
-    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-    self.fc1 = nn.Linear(dim, mlp_dim)
-    self.fc2 = nn.Linear(mlp_dim, dim)
-    self.act = nn.GELU()
-    self.ffn_option = adapter and adapter['placement']
-    if adapter:
-      self.adaptmlp = Adapter(dim, adapter['bottleneck'], adapter['scale'],
-                              adapter['layernorm'])
-    self.layerscale = init_values is not None
-    if self.layerscale:
+    if init_values is not None:
       self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
       self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
-
-  def forward(self, x):
-    attn = self.attn(self.norm1(x))
-    x = x + (self.gamma_1 * attn if self.layerscale else attn)
-    if self.ffn_option == 'parallel':
-      adapt_x = self.adaptmlp(x, add_residual=False)
-    residual = x
-    x = self.fc2(self.act(self.fc1(self.norm2(x))))
-    if self.layerscale:
-      x = self.gamma_2 * x
-    if self.ffn_option == 'sequential':
-      x = self.adaptmlp(x)
-    elif self.ffn_option == 'parallel':
-      x = x + adapt_x
-    return residual + x
+      self.attn.register_forward_hook(lambda module, args, out: self.gamma_1 * out)
+      self.fc2.register_forward_hook(lambda module, args, out: self.gamma_2 * out)
 
 
 class VisionTransformer(nn.Module):
@@ -122,22 +100,7 @@ class VisionTransformer(nn.Module):
 
 def randomized(cfg, seed=0):
   """The reference model for `cfg` in eval mode, every weight random and non-zero."""
-  torch.manual_seed(seed)
-  model = VisionTransformer(cfg)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith(('.scale', 'gamma_1', 'gamma_2')) or (
-          p.ndim == 1 and 'norm' in name and name.endswith('weight')):
-        p.copy_(1 + 0.1 * torch.randn_like(p))  # LN, LayerScale, learnable adapter scales
-      elif name.endswith('weight'):
-        p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)  # unit-variance outputs
-      else:
-        p.copy_(0.3 * torch.randn_like(p))  # biases, prompts
-    for m in model.modules():
-      if isinstance(m, nn.BatchNorm1d):
-        m.running_mean.copy_(0.3 * torch.randn_like(m.running_mean))
-        m.running_var.copy_(0.5 + torch.rand_like(m.running_var))
-  return model.eval()
+  return torch_reference.randomized(cfg, seed, VisionTransformer)
 
 
 def logits(model, videos_nthwc):
