@@ -63,10 +63,15 @@ class _Source:
   decode: Callable[[tf.Tensor], tf.Tensor]
 
 
-def _source(data_cfg, num_frames=None):
-  """The data.name source; with `num_frames` (None = images) it must hold that kind."""
-  source = _list_source(data_cfg) if data_cfg.name == VIDEO_LIST else _tfds_source(data_cfg)
-  if num_frames is not False and (source.kind == 'video') != (num_frames is not None):
+def _source(data_cfg):
+  return _list_source(data_cfg) if data_cfg.name == VIDEO_LIST else _tfds_source(data_cfg)
+
+
+def _model_source(data_cfg, num_frames):
+  """The data.name source, which must hold what the model takes: images when
+  `num_frames` is None, else videos."""
+  source = _source(data_cfg)
+  if (source.kind == 'video') != (num_frames is not None):
     raise UserError(
         f'data.name: {data_cfg.name!r} holds {source.kind}s but the model takes '
         f'{"clips" if num_frames else "images"}; use a '
@@ -122,18 +127,19 @@ def _list_source(data_cfg):
     video = tf.numpy_function(decoder, [path], tf.uint8, stateful=False)
     return tf.ensure_shape(video, (None, None, None, 3))
 
+  def process_counts(split, field):
+    n = len(read(split, field).paths)
+    return [len(range(n)[chunk(n, i)]) for i in range(jax.process_count())]
+
   return _Source(
       kind='video', class_names=[str(i) for i in range(num_classes)],
       count=lambda split, field: len(read(split, field).paths),
-      process_counts=lambda split, field: [
-          len(range(len(read(split, field).paths))[chunk(len(read(split, field).paths), i)])
-          for i in range(jax.process_count())],
-      records=records, decode=decode)
+      process_counts=process_counts, records=records, decode=decode)
 
 
 def info(data_cfg: ml_collections.ConfigDict) -> DatasetInfo:
   """Class names and split sizes; prepares the embedded dataset if needed."""
-  source = _source(data_cfg, num_frames=False)
+  source = _source(data_cfg)
   return DatasetInfo(
       num_classes=len(source.class_names), class_names=source.class_names,
       num_train=source.count(data_cfg.train_split, 'data.train_split'),
@@ -161,7 +167,7 @@ def train_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
   `num_frames` (video models) samples clips of that many frames.
   """
   local_batch = _local_batch(global_batch)
-  source = _source(data_cfg, num_frames)
+  source = _model_source(data_cfg, num_frames)
   source.count(data_cfg.train_split, 'data.train_split')
   num = source.process_counts(data_cfg.train_split, 'data.train_split')[jax.process_index()]
   pp = _preprocess(data_cfg, 'train_pp', image_size, num_frames, train=True)
@@ -199,7 +205,7 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
   of batches, so masked metrics count each example exactly once.
   """
   local_batch = _local_batch(global_batch)
-  source = _source(data_cfg, num_frames)
+  source = _model_source(data_cfg, num_frames)
   source.count(data_cfg.eval_split, 'data.eval_split')
   num_batches = -(-max(source.process_counts(data_cfg.eval_split, 'data.eval_split'))
                   // local_batch)
