@@ -20,7 +20,7 @@ from conftest import mock_tfds_metadata
 from conftest import shipped_config
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
-EMBEDDED = (data.embedded.NAME, data.glyphs.NAME)
+EMBEDDED = (data.embedded.NAME, data.glyphs.NAME, data.moving_digits.NAME)
 OFFICIAL = ('cifar10', 'cifar100', 'food101', 'svhn')
 TINY_MODEL = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4, image_size=16)
 
@@ -66,22 +66,37 @@ def _tiny(config, data_dir):
   return config
 
 
+def _video_list(config, root):
+  """Two tiny videos and a `<path> <label>` list in `root`, as both splits of `config`."""
+  from test_video_lists import write_video  # pylint: disable=g-import-not-at-top
+  for i in range(2):
+    write_video(f'{root}/{i}.mp4', [40 * i, 80, 120, 160])
+  with open(f'{root}/list.csv', 'w') as f:
+    f.write('0.mp4 0\n1.mp4 1\n')
+  config.data.update(dict(video_root=str(root), train_split=f'{root}/list.csv',
+                          eval_split=f'{root}/list.csv'))
+
+
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_takes_one_train_step(name, tmp_path, data_dir):
   config = shipped_config(name, 'adaptformer')
   embedded = config.data.name.split('/')[0] in EMBEDDED
   config = _tiny(config, data_dir if embedded else str(tmp_path))
-  if not embedded:
+  video_list = config.data.name == data.pipeline.VIDEO_LIST
+  if video_list:
+    _video_list(config, tmp_path)
+  elif not embedded:
     mock_tfds_metadata(str(tmp_path), config.data.name, 16,
                        splits=(config.data.train_split, config.data.eval_split))
-  with contextlib.nullcontext() if embedded else tfds.testing.mock_data(
+  with contextlib.nullcontext() if embedded or video_list else tfds.testing.mock_data(
       num_examples=16, data_dir=str(tmp_path)):
     info = data.info(config.data)
     data.check_num_classes(info, config.model.num_classes)
     trainer = train.Trainer(train.Run(config), info.num_train)
     batch = next(data.train_iterator(
         config.data, image_size=config.model.image_size, global_batch=config.batch_size,
-        sharding=sharding.batch_sharding(trainer.run.mesh), seed=0))
+        sharding=sharding.batch_sharding(trainer.run.mesh), seed=0,
+        num_frames=config.model.num_frames if config.model.patch_embed == 'tubelet' else None))
   state, metrics = trainer.jit_train_step()(trainer.initial_state(), batch)
   assert int(state.step) == 1
   assert bool(metrics['finite']) and np.isfinite(float(metrics['loss']))
