@@ -294,13 +294,14 @@ def _convert(path, flat, kind):
   if any(k.startswith(('blocks.', 'patch_embed.')) for k in keys):
     return 'torch', _convert_torch(flat)
   if any(k.startswith(_ENCODER_PREFIX + 'blocks.') for k in keys):
-    logger.info('%s: a VideoMAE pre-training file; its encoder is the backbone, the '
+    logging.info('%s: a VideoMAE pre-training file; its encoder is the backbone, the '
                 'decoder is dropped.', path)
     return 'torch', _convert_torch({k[len(_ENCODER_PREFIX):]: v for k, v in flat.items()
                                     if k.startswith(_ENCODER_PREFIX)})
   raise UserError(
       f'{path}: unknown checkpoint layout (first keys: {sorted(keys)[:4]}); expected the '
-      'official AdaptFormer/MAE or timm ViT (blocks.N...), VideoMAE (encoder.blocks.N...), big_vision/AugReg '
+      'official AdaptFormer/MAE or timm ViT (blocks.N...), VideoMAE (encoder.blocks.N...), '
+      'big_vision/AugReg '
       '(Transformer/encoderblock_N/...) or this project (params/...) layout.')
 
 
@@ -454,7 +455,7 @@ def _fit_video_posemb(value, want, src, grid):
                     f'grid to resample to the model grid {grid}; set model.num_frames '
                     'and model.image_size to the checkpoint\'s.')
   old_grid = (old[0], old[1], old[1])
-  logger.info('%s: resampling the video position embedding from a %s to a %s grid.',
+  logging.info('%s: resampling the video position embedding from a %s to a %s grid.',
               src, 'x'.join(map(str, old_grid)), 'x'.join(map(str, grid)))
   table = jnp.asarray(value[0, prefix:], jnp.float32).reshape(*old_grid, -1)
   table = jax.image.resize(table, (*grid, table.shape[-1]), method='linear')
