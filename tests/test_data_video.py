@@ -16,6 +16,7 @@ from adaptformer_jax import train
 from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import preprocess
 from adaptformer_jax.errors import UserError
+from conftest import shipped_config
 
 SHARDING = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',)), P('data'))
 
@@ -161,16 +162,9 @@ def test_multi_scale_crop_takes_neighbouring_scales_at_fixed_offsets():
 
 
 def test_video_demo_adapts_the_backbone_its_first_command_trains():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from adaptformer_jax.models import methods  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'video_demo.py')
-  spec = importlib.util.spec_from_file_location('video_demo', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  backbone, demo = module.get_config('backbone'), module.get_config()
-  same = [f for f in methods.ARCHITECTURE_FIELDS if f not in ('tuning', 'num_classes')]
-  assert [backbone.model[f] for f in same] == [demo.model[f] for f in same]
+  backbone, demo = shipped_config('video_demo', 'backbone'), shipped_config('video_demo')
+  mismatched = {k for k in demo.model if demo.model[k] != backbone.model[k]}
+  assert mismatched == {'tuning', 'num_classes'}
   assert demo.init_from.endswith(f'/checkpoints/{backbone.num_train_steps}')
   assert (backbone.data.name, demo.data.name) == ('moving_digits/digit',
                                                    'moving_digits/direction')
