@@ -15,12 +15,14 @@ import tensorflow_datasets as tfds
 from adaptformer_jax import data
 from adaptformer_jax import sharding
 from adaptformer_jax import train
+from adaptformer_jax.data import moving_digits
+from adaptformer_jax.data import pipeline
 from adaptformer_jax.models import methods
 from conftest import mock_tfds_metadata
 from conftest import shipped_config
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
-EMBEDDED = (data.embedded.NAME, data.glyphs.NAME, data.moving_digits.NAME)
+EMBEDDED = (data.embedded.NAME, data.glyphs.NAME, moving_digits.NAME)
 OFFICIAL = ('cifar10', 'cifar100', 'food101', 'svhn')
 TINY_MODEL = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4, image_size=16)
 
@@ -82,7 +84,7 @@ def test_config_takes_one_train_step(name, tmp_path, data_dir):
   config = shipped_config(name, 'adaptformer')
   embedded = config.data.name.split('/')[0] in EMBEDDED
   config = _tiny(config, data_dir if embedded else str(tmp_path))
-  video_list = config.data.name == data.pipeline.VIDEO_LIST
+  video_list = config.data.name == pipeline.VIDEO_LIST
   if video_list:
     _video_list(config, tmp_path)
   elif not embedded:
