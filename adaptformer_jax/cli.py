@@ -85,16 +85,18 @@ def loaded_config(flag: flags.FlagHolder) -> ml_collections.ConfigDict | None:
 
 
 def run(job: Callable[[], Any]) -> None:
-  """Runs `job` with the console kept to our messages and library errors (unless --verbose).
+  """Runs `job` with the console kept to our own messages (unless --verbose).
 
   A UserError ends in one line and exit status 2; a training run stopped by
-  SIGTERM/SIGINT (checkpointed) exits with 128 + the signal number, as if killed.
+  SIGTERM/SIGINT (checkpointed) exits with 128 + the signal number, as if killed;
+  Ctrl-C anywhere else (eval, export, start-up) exits 130 without a traceback.
+  Library ERROR records are hidden too: they carry tracebacks (orbax logging a
+  failed save) that our one-line errors already sum up.
   """
   logging.set_verbosity(logging.INFO)
   std_logging.captureWarnings(True)
   if not VERBOSE.value:
-    logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= std_logging.ERROR or 'adaptformer_jax' in r.pathname)
+    logging.get_absl_handler().addFilter(lambda r: 'adaptformer_jax' in r.pathname)
   try:
     job()
   except UserError as e:
@@ -104,3 +106,7 @@ def run(job: Callable[[], Any]) -> None:
   except interrupts.Interrupted as e:
     print(f'interrupted: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:
+    print('interrupted: SIGINT received; stopped before the job finished (no checkpoint '
+          'was changed).', file=sys.stderr)
+    sys.exit(130)

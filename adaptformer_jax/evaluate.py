@@ -1,13 +1,17 @@
 """Evaluation over padded batches: every example counts exactly once."""
 import functools
+from collections.abc import Iterable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def eval_step(model, variables, batch):
+def eval_step(model: nn.Module, variables: dict[str, Any],
+              batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Masked sums of top-1/top-5 hits and loss over one (possibly padded) batch."""
   logits = model.apply(variables, batch['image'], train=False)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
@@ -19,7 +23,8 @@ def eval_step(model, variables, batch):
           'count': jnp.sum(mask)}
 
 
-def evaluate(model, variables, dataset):
+def evaluate(model: nn.Module, variables: dict[str, Any],
+             dataset: Iterable[dict[str, jax.Array]]) -> dict[str, float]:
   """Top-1, top-5 and mean loss of `model` over every batch of `dataset`."""
   totals = None
   for batch in dataset:

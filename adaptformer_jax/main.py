@@ -21,6 +21,7 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'Job to run.')
 flags.DEFINE_string('checkpoint', None, 'eval/export: a <workdir>/checkpoints/<step> dir.')
 flags.DEFINE_string('adapters', None, 'eval: an export dir to swap into the frozen backbone.')
 flags.DEFINE_string('out', None, 'export: output directory.')
+flags.DEFINE_bool('overwrite', False, 'export: replace a different export already in --out.')
 flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
 flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', -1, 'Multi-host: index of this process.')
@@ -51,7 +52,7 @@ def job(config: ml_collections.ConfigDict | None) -> None:
   elif not FLAGS.out:
     raise UserError('--mode export needs --out DIR.')
   else:
-    tensors = jobs.export(config, FLAGS.workdir, FLAGS.out, FLAGS.checkpoint)
+    tensors = jobs.export(config, FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.overwrite)
     print(f'Exported {len(tensors)} tensors to {FLAGS.out}.')
 
 

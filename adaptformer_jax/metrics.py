@@ -8,7 +8,7 @@ import jax
 import tqdm
 
 
-def read(workdir):
+def read(workdir: str) -> list[dict[str, float]]:
   """The rows of `<workdir>/metrics.jsonl`, as dicts (step, train/loss, eval/top1, ...)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
@@ -17,7 +17,7 @@ def read(workdir):
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard event files (process 0 only)."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
@@ -25,7 +25,7 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
-  def write(self, step, scalars):
+  def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -35,7 +35,7 @@ class MetricWriter:
       self._tb.add_scalar(k, v, step)
     self._tb.flush()
 
-  def close(self):
+  def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
@@ -44,14 +44,14 @@ class MetricWriter:
 class Progress:
   """A tqdm bar over optimizer steps showing loss, img/s and the ETA."""
 
-  def __init__(self, total, initial, images_per_step, enabled=True):
+  def __init__(self, total: int, initial: int, images_per_step: int, enabled: bool = True):
     self.images_per_step = images_per_step
     self._bar = tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
                           mininterval=1.0, file=sys.stderr,
                           disable=not enabled or jax.process_index() != 0)
     self._last_time, self._last_step = time.perf_counter(), initial
 
-  def update(self, step, **postfix):
+  def update(self, step: int, **postfix: float) -> float:
     """Advances to `step`; returns the img/s since the previous call."""
     now = time.perf_counter()
     rate = (step - self._last_step) * self.images_per_step / max(now - self._last_time, 1e-9)
@@ -61,5 +61,5 @@ class Progress:
                            'img/s': f'{rate:.1f}'}, refresh=False)
     return rate
 
-  def close(self):
+  def close(self) -> None:
     self._bar.close()

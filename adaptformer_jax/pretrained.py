@@ -1,32 +1,33 @@
 """Loading pretrained ViT checkpoints into this project's parameter tree.
 
-`load` reads the official AdaptFormer / MAE / timm PyTorch checkpoints (timm's
-DINOv2, CLIP and SigLIP included), DINOv2's and OpenCLIP's own state dicts,
-big_vision (AugReg, SigLIP) `.npz` files -- training checkpoints too -- and this
-project's own exports, and returns variables shaped exactly like
-`models.build(cfg).init(...)`. Layouts are told apart by their keys, so users
-never name the format. Anything that would load silently wrong (missing backbone
-weights, leftover keys, wrong shapes, an ambiguous final norm) is one UserError
-listing every offending key: only head, adapter, LoRA and prompt leaves may start
-fresh, and one log line per load says how many leaves came from where.
+`load` reads the official AdaptFormer (image and video) / MAE / VideoMAE / timm
+PyTorch checkpoints (timm's DINOv2, CLIP and SigLIP included), DINOv2's and
+OpenCLIP's own state dicts, big_vision (AugReg, SigLIP) `.npz` files -- training
+checkpoints too -- and this project's own exports, and returns variables shaped
+exactly like `models.build(cfg).init(...)`. Layouts are told apart by their keys,
+so users never name the format. Anything that would load silently wrong (missing
+backbone weights, leftover keys, wrong shapes, an ambiguous final norm) is one
+UserError listing every offending key: only head, adapter, LoRA and prompt leaves
+may start fresh, and one log line per load says how many leaves came from where.
 """
 import argparse
-import logging
 import math
 import os
 import re
 import zipfile
+from typing import Any
 
+from absl import logging
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from adaptformer_jax import integrity
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.models import methods
 from adaptformer_jax.models import presets
-
-logger = logging.getLogger(__name__)
 
 # Torch modules (official AdaptFormer, MAE, timm) -> (our module, kind).
 _TORCH_MODULES = (
@@ -53,13 +54,21 @@ _TORCH_PARAMS = {
 }
 _TORCH_LEAVES = ((r'cls_token', 'cls'), (r'pos_embed', 'pos_embedding'),
                  (r'blocks\.(\d+)\.adaptmlp\.scale', r'block\1/adapter/scale'),
-                 (r'blocks\.(\d+)\.ls([12])\.gamma', r'block\1/ls\2'),  # LayerScale
+                 # VideoMAE/BEiT attention: q and v biases, none for k.
                  (r'blocks\.(\d+)\.attn\.([qv])_bias', r'block\1/attn/\2_bias'),
+                 # LayerScale: VideoMAE/BEiT `gamma_1/2`, timm `ls1/2.gamma`.
+                 (r'blocks\.(\d+)\.(?:gamma_|ls)([12])(?:\.gamma)?', r'block\1/ls\2'),
                  (r'reg_token|register_tokens', 'registers'),  # timm | DINOv2
                  (r'attn_pool\.latent', 'map_head/probe'),
                  (r'prompts', 'prompts'))  # stacked from the official `embeddings.N`
-# Pretraining-only parts of MAE/DINOv2 checkpoints, and BatchNorm's step counter.
-_TORCH_IGNORED = re.compile(r'decoder_.*|mask_token|.*\.num_batches_tracked')
+# Pretraining-only parts of MAE / DINOv2 / VideoMAE checkpoints, and BatchNorm's step counter.
+_TORCH_IGNORED = re.compile(
+    r'decoder_.*|decoder\..*|encoder_to_decoder\..*|mask_token|.*\.num_batches_tracked')
+# VideoMAE's pre-training files nest the ViT under `encoder.`.
+_ENCODER_PREFIX = 'encoder.'
+# State-dict wrappers: official/MAE/VideoMAE training scripts, VideoMAE's
+# deepspeed `module`, timm/lightning `state_dict`.
+_TORCH_WRAPPERS = ('model', 'module', 'state_dict')
 
 # OpenCLIP / OpenAI CLIP image tower (`visual.*`) -> timm names; the rest is the text
 # tower. OpenCLIP models built on a timm trunk (SigLIP) hold `visual.trunk.<timm name>`.
@@ -103,7 +112,9 @@ _BV_LEAVES = ((r'cls', 'cls'), (r'(?:Transformer/posembed_input/)?pos_embedding'
 _BV_PREFIXES = ('params/img/', 'opt/target/', 'params/', '')
 
 
-def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
+def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
+         init_variables: dict[str, Any] | None = None, rng: jax.Array | None = None,
+         strict: bool = True) -> dict[str, Any]:
   """Variables for `models.build(model_cfg)` with the weights of checkpoint `path`.
 
   Args:
@@ -123,8 +134,7 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
     {'params': ..., 'batch_stats': ... (bn_linear head only)} of numpy arrays.
   """
   model = presets.build(model_cfg)
-  size = model_cfg.image_size
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  dummy = jnp.zeros((1, *presets.input_shape(model_cfg)), jnp.float32)
   target = flax.traverse_util.flatten_dict(
       jax.eval_shape(model.init, jax.random.key(0), dummy), sep='/')
 
@@ -136,7 +146,8 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
     ignored['final norm (MAE convention with pool=gap)'] = 2
     fresh_why.update({k: 'fc_norm (MAE: starts at identity)' for k in target
                       if k.startswith('params/fc_norm/')})
-  loaded, problems = _match(converted, target, model_cfg.posemb_resample, fresh_why)
+  grid = presets.token_grid(model_cfg)
+  loaded, problems = _match(converted, target, grid, model_cfg.posemb_resample, fresh_why)
   missing = sorted(set(target) - set(loaded))
   backbone = [k for k in target if not methods.FRESH_ON_LOAD.fullmatch(k)]
   # An adapter export holds no backbone leaf: the backbone comes from init_variables.
@@ -149,6 +160,7 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
               or backbone_elsewhere)]
   ignored['unexpected keys (strict=False)'] = len(problems['unexpected in the checkpoint'])
   _raise_or_warn(path, problems, strict, converted, model_cfg, layout == 'this project')
+  integrity.check_values(path, {converted[k][1]: v for k, v in loaded.items()})
 
   if missing:
     if init_variables is None:
@@ -159,7 +171,8 @@ def load(path, model_cfg, *, init_variables=None, rng=None, strict=True):
                        f'{sorted(set(fresh) ^ set(target))[:5]}')
     loaded.update({k: fresh[k] for k in missing})
   _log_load(path, layout, backbone, missing, fresh_why, ignored, backbone_elsewhere,
-            _posemb_note(converted, target, model_cfg.posemb_resample))
+            _posemb_note(converted, target, model_cfg.posemb_resample)
+            if len(grid) == 2 else '')
   out = {k: np.asarray(loaded[k], target[k].dtype) for k in target}
   return flax.traverse_util.unflatten_dict(out, sep='/')
 
@@ -211,7 +224,7 @@ def _log_load(path, layout, backbone, missing, fresh_why, ignored, backbone_else
     why[reason] = why.get(reason, 0) + 1
   from_file = sum(k not in missing for k in backbone)
   skipped = ', '.join(f'{n} {what}' for what, n in ignored.items() if n)
-  logger.info('%s (%s layout): %d of %d backbone leaves from the file; %d leaves fresh%s%s%s',
+  logging.info('%s (%s layout): %d of %d backbone leaves from the file; %d leaves fresh%s%s%s',
               path, layout, from_file, len(backbone), len(missing),
               f" ({', '.join(f'{n} {r}' for r, n in why.items())})" if why else '',
               f'; ignored: {skipped}' if skipped else '', note)
@@ -328,7 +341,7 @@ def _read_torch(path):
       obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise _unreadable(path, 'a PyTorch checkpoint', e) from None
-  for wrapper in ('model', 'state_dict'):  # official/MAE training script, timm/lightning
+  for wrapper in _TORCH_WRAPPERS:
     if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
       obj = obj[wrapper]
       break
@@ -376,6 +389,7 @@ def _read_orbax(path):
   from etils import epath  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(_orbax_item(path))
+  integrity.verify_manifest(os.path.dirname(path))  # <step>/manifest.sha256, if any
   try:
     # Host numpy arrays: the saving run's devices and sharding do not matter here.
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
@@ -406,9 +420,17 @@ def _convert(path, flat, kind):
   if any(k.startswith(('blocks.', 'patch_embed.')) for k in keys):
     ignored = sum(bool(_TORCH_IGNORED.fullmatch(k)) for k in keys)
     return 'timm', _convert_torch(flat), {'pretraining-only keys': ignored}
+  if any(k.startswith(_ENCODER_PREFIX + 'blocks.') for k in keys):
+    # A VideoMAE pre-training file: its encoder is the backbone, the decoder is dropped.
+    encoder = {k[len(_ENCODER_PREFIX):]: v for k, v in flat.items()
+               if k.startswith(_ENCODER_PREFIX)}
+    return 'VideoMAE pre-training', _convert_torch(encoder), {
+        'decoder and pretraining-only keys': len(flat) - len(encoder) + sum(
+            bool(_TORCH_IGNORED.fullmatch(k)) for k in encoder)}
   raise UserError(
       f'{path}: unknown checkpoint layout (first keys: {sorted(keys)[:4]}); expected the '
-      'official AdaptFormer/MAE, timm or DINOv2 ViT (blocks.N...), OpenCLIP (visual.*), '
+      'official AdaptFormer/MAE, timm or DINOv2 ViT (blocks.N...), VideoMAE '
+      '(encoder.blocks.N...), OpenCLIP (visual.*), '
       'big_vision/AugReg (Transformer/encoderblock_N/...) or this project (params/...) '
       'layout.')
 
@@ -499,6 +521,8 @@ def _convert_torch(flat):
       value = value.T
     elif kind == 'conv' and value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    elif kind == 'conv' and value.ndim == 5:
+      value = value.transpose(2, 3, 4, 1, 0)  # video tubelets: OITHW -> THWIO
     out[('batch_stats/' if kind == 'bn' else 'params/') + leaf] = (value, src)
   return out
 
@@ -545,10 +569,11 @@ def _convert_big_vision(flat):
 # ---------------------------------------------------------------- matching
 
 
-def _match(converted, target, method, fresh_why):
+def _match(converted, target, grid, method, fresh_why):
   """Checkpoint leaves fitted to the target tree, and the (our path, text) problems.
 
-  Leaves left fresh on purpose (a head with another class count) go to `fresh_why`.
+  `grid` is the model's patch grid, (h, w) or (t, h, w) for video. Leaves left
+  fresh on purpose (a head with another class count) go to `fresh_why`.
   """
   loaded, unexpected, mismatched = {}, [], []
   shape = lambda a: tuple(np.shape(a))
@@ -558,7 +583,8 @@ def _match(converted, target, method, fresh_why):
       continue
     want = tuple(target[key].shape)
     if key == 'params/pos_embedding' and shape(value) != want and shape(value)[-1] == want[-1]:
-      value = _fit_posemb(value, want, method)
+      value = (_fit_posemb(value, want, method) if len(grid) == 2
+               else _fit_video_posemb(value, want, src, grid))
     elif (key.startswith('params/head/linear/') and shape(value) != want
           and shape(value)[:-1] == want[:-1]):
       fresh_why[key] = f'head ({shape(value)[-1]} classes in the checkpoint, {want[-1]} in the model)'
@@ -590,20 +616,54 @@ def _fit_posemb(value, want, method):
   return value
 
 
+def _fit_video_posemb(value, want, src, grid):
+  """A learned video table (prefix rows kept) resampled trilinearly to the model's
+  (t, h, w) grid. The checkpoint's grid is a t x h x h that fits its row count:
+  the one with the model's t (VideoMAE's own assumption), else its h, else its
+  t:h ratio."""
+  prefix = want[1] - math.prod(grid)
+  tokens = value.shape[1] - prefix
+  fits = [(t, math.isqrt(tokens // t)) for t in range(1, tokens + 1)
+          if tokens % t == 0 and math.isqrt(tokens // t) ** 2 == tokens // t]
+  old = next((f for rule in (lambda t, h: t == grid[0], lambda t, h: h == grid[1],
+                             lambda t, h: t * grid[1] == h * grid[0])
+              for f in fits if rule(*f)), None)
+  if old is None or grid[1] != grid[2]:
+    raise UserError(f'{src}: {tokens} position rows do not form a frames x side x side '
+                    f'grid to resample to the model grid {grid}; set model.num_frames '
+                    'and model.image_size to the checkpoint\'s.')
+  old_grid = (old[0], old[1], old[1])
+  logging.info('%s: resampling the video position embedding from a %s to a %s grid.',
+              src, 'x'.join(map(str, old_grid)), 'x'.join(map(str, grid)))
+  table = jnp.asarray(value[0, prefix:], jnp.float32).reshape(*old_grid, -1)
+  table = jax.image.resize(table, (*grid, table.shape[-1]), method='linear')
+  return np.concatenate([value[:, :prefix], np.asarray(table).reshape(1, -1, want[-1])], 1)
+
+
 _HINTS = (  # (our paths among unexpected/mismatched keys, the fix)
     (r'batch_stats/head/bn/.*', "the checkpoint has a BatchNorm head: set model.head='bn_linear'"),
     (r'params/fc_norm/.*', "the checkpoint pools by global average: set model.pool='gap'"),
+    (r'params/embedding/kernel', "the patch embeddings differ: a 5-D kernel is a video "
+     "tubelet (model.patch_embed='tubelet', model.tubelet = its first size, e.g. a "
+     "videomae_* preset), a 4-D one an image patch (model.patch_embed='2d')"),
 ) + methods.LOAD_HINTS
 
 _UNEXPECTED_HINTS = (  # (our paths the model has no place for, the fix)
     (r'params/norm_pre/.*', 'the checkpoint normalises before the blocks (CLIP): set '
      'model.ln_pre=True'),
-    (r'params/block\d+/ls[12]', 'the checkpoint has LayerScale (DINOv2): set model.layerscale'),
+    (r'params/block\d+/ls[12]', 'the checkpoint has LayerScale (DINOv2, VideoMAE): set '
+     'model.layerscale'),
     (r'params/registers', 'the checkpoint has register tokens: set model.num_registers'),
     (r'params/map_head/.*', "the checkpoint pools with an attention head: set model.pool='map'"),
     (r'params/pre_logits/.*', 'the checkpoint has a pre-logits layer: set model.pre_logits to '
      'its width, or load with strict=False to drop it'),
     (r'params/cls', 'the checkpoint has a class token: set model.class_token=True'),
+    (r'params/block\d+/attn/[qv]_bias', "the checkpoint has separate q and v biases "
+     "(VideoMAE/BEiT): set model.qkv_bias='qv'"),
+    (r'params/block\d+/attn/qkv/bias', "the checkpoint has a fused qkv bias: set "
+     "model.qkv_bias='qkv'"),
+    (r'params/pos_embedding', "the checkpoint has a learned position table: set "
+     "model.posemb='learned' (a 'sincos' table is never stored)"),
 )
 
 
@@ -626,7 +686,7 @@ def _raise_or_warn(path, problems, strict, converted, model_cfg, own_export):
   """One UserError listing every offending key, with the likely config fix."""
   unexpected = 'unexpected in the checkpoint'
   if problems[unexpected] and not strict:
-    logger.warning('%s: ignoring %d checkpoint keys the model has no place for: %s',
+    logging.warning('%s: ignoring %d checkpoint keys the model has no place for: %s',
                    path, len(problems[unexpected]),
                    _summarise([text for _, text in problems[unexpected]]))
     problems[unexpected] = []
@@ -636,7 +696,8 @@ def _raise_or_warn(path, problems, strict, converted, model_cfg, own_export):
   hints = []
   depth = 1 + max((int(m.group(1)) for k in converted
                    for m in [re.match(r'params/block(\d+)/', k)] if m), default=-1)
-  width = np.shape(converted['params/cls'][0])[-1] if 'params/cls' in converted else None
+  width = (np.shape(converted['params/embedding/kernel'][0])[-1]
+           if 'params/embedding/kernel' in converted else None)
   if (depth and depth != model_cfg.depth) or width not in (None, model_cfg.width):
     hints.append(f'the checkpoint has depth {depth}, width {width} and the model depth '
                  f'{model_cfg.depth}, width {model_cfg.width}: choose the matching '

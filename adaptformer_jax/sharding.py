@@ -1,6 +1,8 @@
 """Device mesh, shardings and multi-host start-up."""
 import os
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -10,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 from adaptformer_jax.errors import UserError
 
 
-def initialize_distributed(coordinator_address='', num_processes=0, process_id=-1):
+def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
+                           process_id: int = -1) -> None:
   """Joins a multi-process run when asked to (arguments, or JAX_COORDINATOR_ADDRESS etc.).
 
   Single-process runs skip it; on Cloud TPU and SLURM, `jax.distributed.initialize()`
@@ -31,7 +34,7 @@ def initialize_distributed(coordinator_address='', num_processes=0, process_id=-
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def make_mesh(model_parallel=1):
+def make_mesh(model_parallel: int = 1) -> jax.sharding.Mesh:
   """A ('data', 'model') mesh: batches split over 'data', big kernels over 'model'.
 
   `model_parallel` devices share each replica's large kernels (tensor
@@ -47,12 +50,12 @@ def make_mesh(model_parallel=1):
                        ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def batch_sharding(mesh):
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Leading (batch) axis split over the data axis."""
   return NamedSharding(mesh, P('data'))
 
 
-def replicated(mesh):
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
@@ -69,7 +72,8 @@ PARTITION_RULES = (
 )
 
 
-def partition_spec(path, shape, mesh, rules=PARTITION_RULES):
+def partition_spec(path: str, shape: Sequence[int], mesh: jax.sharding.Mesh,
+                   rules: Sequence[tuple[str, P]] = PARTITION_RULES) -> P:
   """The spec of the first rule matching `path`; an axis that does not divide its dim is dropped."""
   for pattern, spec in rules:
     if re.search(pattern, path) and len(spec) == len(shape):
@@ -78,7 +82,7 @@ def partition_spec(path, shape, mesh, rules=PARTITION_RULES):
   return P()
 
 
-def tree_shardings(tree, mesh):
+def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """The NamedSharding of each leaf of a parameter/optimizer/train-state pytree."""
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: NamedSharding(mesh, partition_spec(
@@ -86,7 +90,7 @@ def tree_shardings(tree, mesh):
       tree)
 
 
-def check_batch_divisible(batch_size, what='config.batch_size'):
+def check_batch_divisible(batch_size: int, what: str = 'config.batch_size') -> None:
   """The global batch must split evenly over processes and devices."""
   for count, name in ((jax.process_count(), 'processes'), (jax.device_count(), 'devices')):
     if batch_size % count:

@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
 from adaptformer_jax import interrupts
@@ -107,8 +108,7 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module,
   Leaves matching a `config.init_dont_load` regex (e.g. 'head/.*' to start a new
   task's classifier afresh) keep their fresh values, as big_vision's dont_load.
   """
-  size = config.model.image_size
-  fresh = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+  fresh = model.init(rng, jnp.zeros((1, *models.input_shape(config.model))), train=False)
   if not config.init_from:
     return dict(fresh)
   loaded = pretrained.load(config.init_from, config.model, init_variables=fresh)
@@ -160,19 +160,24 @@ class Run:
     self.config = config
     self.mesh = sharding.make_mesh(config.get('model_parallel', 1))
     self.model = models.build(config.model)
-    size = config.model.image_size
-    self.abstract_variables = jax.eval_shape(
-        lambda: self.model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    self.mask = peft.trainable_mask(self.abstract_variables['params'], config.model)
+    example = jnp.zeros((1, *models.input_shape(config.model)))
+    fresh = jax.eval_shape(lambda: self.model.init(jax.random.key(0), example))
+    self.mask = peft.trainable_mask(fresh['params'], config.model)
+    self.abstract_variables = jax.eval_shape(self.stored, fresh)
+
+  def stored(self, variables: dict[str, Any]) -> dict[str, Any]:
+    """`variables` with the frozen parameters in model.frozen_dtype, as the state keeps them."""
+    params = peft.store_frozen(variables['params'], self.mask, self.config.model.frozen_dtype)
+    return {**variables, 'params': params}
 
   def place(self, tree: Any) -> Any:
     """Puts a pytree of arrays on the mesh with the partitioning rules of `sharding`."""
     return jax.device_put(tree, sharding.tree_shardings(tree, self.mesh))
 
   def initial_variables(self) -> dict[str, Any]:
-    """`init_variables` for this config's seed, placed on the mesh."""
-    return self.place(init_variables(self.config, self.model,
-                                     jax.random.key(self.config.seed)))
+    """`init_variables` for this config's seed, stored as the state keeps them, on the mesh."""
+    return self.place(self.stored(init_variables(self.config, self.model,
+                                                 jax.random.key(self.config.seed))))
 
   def param_counts(self) -> tuple[int, int]:
     """(trainable, total) parameter counts of this config's model."""
@@ -231,11 +236,22 @@ def eval_dataset(config: ml_collections.ConfigDict, run: Run) -> Iterator[dict[s
   """The eval split in padded global batches on the run's mesh."""
   return data.eval_iterator(config.data, image_size=config.model.image_size,
                             global_batch=config.eval_batch_size,
-                            sharding=sharding.batch_sharding(run.mesh))
+                            sharding=sharding.batch_sharding(run.mesh),
+                            num_frames=_num_frames(config.model))
+
+
+def _num_frames(model_cfg: ml_collections.ConfigDict) -> int | None:
+  """The clip length a video model takes; None for image models."""
+  shape = models.input_shape(model_cfg)
+  return shape[0] if len(shape) == 4 else None
 
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
-  """The dataset info (its class count checked against the head) and the Trainer planned on it."""
+  """The dataset info (its class count checked against the head) and the Trainer planned on it.
+
+  Every job starts here, so here the whole config is validated, before any of it is used.
+  """
+  config_check.validate(config)
   info = data.info(config.data)
   data.check_num_classes(info, config.model.num_classes)
   return info, Trainer(Run(config), info.num_train)
@@ -245,11 +261,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from the latest checkpoint in workdir), evaluates, returns eval metrics.
 
   Everything that can be checked without touching the workdir (dataset, model,
-  batch split) is, first. SIGTERM/SIGINT save the current step and raise Interrupted.
+  batch split) is, first. The run owns the workdir (workdirs.Lock) until it returns.
+  SIGTERM/SIGINT save the current step and raise Interrupted.
   """
   _, trainer = setup(config)
+  with workdirs.Lock(workdir):
+    workdirs.prepare(config, workdir)
+    return _train(config, workdir, trainer)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           trainer: Trainer) -> dict[str, float]:
+  """The loop of train_and_evaluate, in a prepared workdir it owns."""
   run, plan = trainer.run, trainer.plan
-  workdirs.prepare(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(trainer.abstract_state())
@@ -263,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                peft.count(state.params), plan.total_updates, config.batch_size)
   train_iter = data.train_iterator(
       config.data, image_size=config.model.image_size, global_batch=plan.micro_batch,
-      sharding=sharding.batch_sharding(run.mesh), seed=config.seed, start_step=start)
+      sharding=sharding.batch_sharding(run.mesh), seed=config.seed, start_step=start,
+      num_frames=_num_frames(config.model))
   step_fn = trainer.jit_train_step()
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(total, start, plan.micro_batch, config.progress)
@@ -301,6 +326,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last = done == total
         if last or done % config.log_every_steps == 0:
           flush(done)
+        # Saved before the final evaluation: whatever happens there, the run is kept.
+        if last or done % config.checkpoint_every_steps == 0 or stop:
+          flush(done)  # the NaN guard runs before a step is saved
+          ckpt.save(done, state)
         evaluate_now = last or (config.eval_every_steps and
                                 done % config.eval_every_steps == 0)
         if evaluate_now:
@@ -308,9 +337,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eval_metrics = evaluate.evaluate(run.model, run.variables(state),
                                            eval_dataset(config, run))
           writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
-        if last or done % config.checkpoint_every_steps == 0 or stop:
-          flush(done)  # the NaN guard runs before a step is saved
-          ckpt.save(done, state)
         if stop:  # the save completes in ckpt.close() below
           raise interrupts.Interrupted(stop[0], done, workdir)
     if eval_metrics is None:  # resumed after the last step: evaluate what is there

@@ -1,6 +1,16 @@
-"""A workdir's config.json: written at the start, compared when a run resumes."""
+"""A workdir: owned by one training run at a time; its config.json written at the start,
+compared when a run resumes, validated when read back.
+
+Ownership is an OS advisory lock (`flock`) on `<workdir>/.lock`. Such a lock belongs
+to the open file, so the kernel drops it however its holder ends -- kill -9 and OOM
+kills included -- and a crashed run never leaves a stale lock behind. Only training
+takes it; eval and export read a workdir being trained without it (checkpoints
+appear by atomic rename). In a multi-host run process 0 holds it for all.
+"""
+import fcntl
 import json
 import os
+import socket
 from typing import Any
 
 from absl import logging
@@ -8,9 +18,11 @@ import jax
 import ml_collections
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import config_check
 from adaptformer_jax.errors import UserError
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = '.lock'
 # Fields that may change when a run resumes; anything else is a conflict.
 RESUMABLE_FIELDS = ('num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
                     'checkpoint_every_steps', 'keep_checkpoints', 'progress',
@@ -30,8 +42,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
       pass
     os.remove(probe)
   except OSError as e:
-    raise UserError(f'--workdir {workdir} is not writable ({e.strerror}); choose '
-                    'another directory.') from None
+    raise _not_writable(workdir, e) from None
   if checkpoint.latest_step(workdir) is None:
     if jax.process_index() == 0:
       path = os.path.join(workdir, CONFIG_FILE)
@@ -54,13 +65,65 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir's run was started with (what eval/export use without --config)."""
+  """The config a workdir's run was started with (what eval/export use without --config),
+  validated as a --config is: a hand-edited file fails here, in one line."""
   try:
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f'--workdir {workdir}: cannot read {CONFIG_FILE} ({e}); pass --config.'
                     ) from None
+  config_check.validate(saved, f'--workdir {workdir}: {CONFIG_FILE} is not a valid run '
+                        'config: ', '; restore the file or pass --config')
+  return ml_collections.ConfigDict(saved)
+
+
+class Lock:
+  """`with Lock(workdir):` owns the workdir, or raises a UserError naming its holder."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def __enter__(self) -> 'Lock':
+    if jax.process_index() != 0:
+      return self
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise _not_writable(self.workdir, e) from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors='replace').split()
+      os.close(fd)
+      who = (f'process {holder[0]} on {holder[1]}' if len(holder) == 2 else
+             'another process')
+      raise UserError(f'--workdir {self.workdir} is in use by another training run '
+                      f'({who}, holding {self.path}); wait for it to finish or stop it, '
+                      'or use another --workdir.') from None
+    except OSError as e:  # a filesystem without flock (some network mounts)
+      os.close(fd)
+      logging.warning('Cannot lock %s (%s): nothing stops a second run from using this '
+                      'workdir at the same time.', self.path, e.strerror)
+      return self
+    self._fd = fd
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{os.getpid()} {socket.gethostname()}\n'.encode(), 0)
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)  # no stale PID for a run refused in the next holder's first instant
+      os.close(self._fd)  # releases the lock
+      self._fd = None
+
+
+def _not_writable(workdir, error):
+  return UserError(f'--workdir {workdir} is not writable ({error.strerror}); choose '
+                   'another directory.')
 
 
 def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -11,9 +11,8 @@ the model.remat policies.
 """
 import argparse
 
-from train_step_vs_torch import interleaved_medians
-from train_step_vs_torch import jax_step
-from train_step_vs_torch import report
+import machine
+import steps
 
 
 def main():
@@ -27,14 +26,15 @@ def main():
   variants = [('full', 'none'), ('adaptformer', 'none')]
   if args.remat:
     variants += [('full', 'dots'), ('adaptformer', 'dots'), ('adaptformer', 'block')]
-  steps, flops = {}, {}
+  timed, flops = {}, {}
   for tuning, remat in variants:
     name = f'{tuning} remat={remat}'
-    steps[name], flops[name] = jax_step(tuning, args.batch, args.dtype, remat)
+    timed[name], flops[name] = steps.jax_step(tuning, args.batch, args.dtype, remat)
+  print(machine.describe())
   print(f'ViT-B/16 train step, batch {args.batch}, 224 px, {args.dtype}, SGD momentum')
-  medians, samples = interleaved_medians(steps, args.repeats)
+  medians, samples = steps.interleaved_medians(timed, args.repeats)
   for name, seconds in medians.items():
-    report(name, seconds, args.batch, flops[name], samples[name])
+    steps.report(name, seconds, args.batch, flops[name], samples[name])
   full, adapter = 'full remat=none', 'adaptformer remat=none'
   print(f'XLA cost analysis: {flops[adapter] / 1e9:.0f} / {flops[full] / 1e9:.0f} GFLOP '
         f'= {flops[adapter] / flops[full]:.2f}')

@@ -18,6 +18,7 @@ from adaptformer_jax import models
 from adaptformer_jax import recipes
 from adaptformer_jax import sharding
 from adaptformer_jax import train
+import machine
 
 
 def images_per_second(step, batch, warmup, iters):
@@ -30,6 +31,18 @@ def images_per_second(step, batch, warmup, iters):
   return batch * iters / (time.perf_counter() - start)
 
 
+def train_step_rate(trainer, batch, batch_size, iters):
+  """Examples/s of the training loop's own jitted step (`trainer`'s) on `batch`."""
+  step_fn, state = trainer.jit_train_step(), trainer.initial_state()
+
+  def step():
+    nonlocal state
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics['loss'])
+
+  return images_per_second(step, batch_size, 1, iters)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=32)
@@ -40,6 +53,7 @@ def main():
                       help='tfds data_dir (default: a fresh temporary one)')
   args = parser.parse_args()
   data_dir = args.data_dir or tempfile.mkdtemp(prefix='tfds_')
+  print(machine.describe())
 
   model = models.preset('vit_ti16', num_classes=10, tuning='adaptformer',
                         image_size=args.image_size)
@@ -56,15 +70,7 @@ def main():
   print(f'pipeline: {pipeline:.1f} images/s ({jax.device_count()} {jax.default_backend()} '
         f'device(s), batch {args.batch}, {args.image_size} px, {config.data.train_pp})')
 
-  step_fn = trainer.jit_train_step()
-  state, batch = trainer.initial_state(), next(batches)
-
-  def step():
-    nonlocal state
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics['loss'])
-
-  stepping = images_per_second(step, args.batch, 1, args.train_steps)
+  stepping = train_step_rate(trainer, next(batches), args.batch, args.train_steps)
   print(f'train step: {stepping:.1f} images/s (ViT-Ti/16 adaptformer, train.Trainer)')
   print(f'ratio: {pipeline / stepping:.2f}')
 

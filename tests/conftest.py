@@ -4,9 +4,14 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from adaptformer_jax import models  # noqa: E402
+
+
+# Two 32 px images for the model tests (tiny_cfg's image size).
+IMAGES = np.random.RandomState(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
 
 
 def tiny_cfg(**overrides):
@@ -19,9 +24,22 @@ def tiny_cfg(**overrides):
   return models.preset('vit_ti16', adapter=adapter, **base)
 
 
+def tiny_video_cfg(**overrides):
+  """A width-32, depth-2 VideoMAE-style model on 4-frame 32 px clips (2x8x8 tubelets)."""
+  base = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+              image_size=32, num_frames=4, num_classes=5)
+  base.update(overrides)
+  adapter = dict(bottleneck=8)
+  adapter.update(base.pop('adapter', {}))
+  return models.preset('videomae_s16', adapter=adapter, **base)
+
+
 @pytest.fixture
-def tiny():
-  return tiny_cfg
+def ref():
+  """tests/torch_reference.py, the independent PyTorch port (skips without torch)."""
+  pytest.importorskip('torch')
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  return torch_reference
 
 
 def tiny_run_config(tuning='adaptformer', data_dir=None, **overrides):
@@ -49,6 +67,20 @@ def shipped_config(name, arg=None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def mock_tfds_metadata(data_dir, name, num_examples, splits=('train', 'test')):
+  """dataset_info.json for `tfds.testing.mock_data`, so splits and sizes are the mocked ones."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=data_dir)
+  template = tfds.core.ShardedFileTemplate(
+      data_dir=builder.data_path, template='{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}',
+      dataset_name=builder.name, filetype_suffix='tfrecord')
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0,
+                          filename_template=template) for split in splits]))
+  builder.data_path.mkdir(parents=True)
+  builder.info.write_to_directory(builder.data_path)
 
 
 @pytest.fixture(scope='session')

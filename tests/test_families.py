@@ -14,6 +14,7 @@ from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax import pretrained
 from adaptformer_jax.errors import UserError
+from conftest import shipped_config
 from adaptformer_jax.models import methods
 
 IMAGES = np.random.RandomState(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
@@ -313,7 +314,7 @@ def test_big_vision_pre_logits(timm, tmp_path, caplog):
   plain = our_cfg('augreg_cls')
   with pytest.raises(UserError, match=r'pre_logits/kernel.*set model.pre_logits'):
     pretrained.load(tmp_path / 'i21k.npz', plain)
-  with caplog.at_level(logging.INFO, logger='adaptformer_jax.pretrained'):
+  with caplog.at_level(logging.INFO):
     loaded = pretrained.load(tmp_path / 'i21k.npz', plain, strict=False)
   assert 'ignored: 2 unexpected keys (strict=False)' in caplog.text
   np.testing.assert_array_equal(loaded['params']['block1']['mlp']['fc1']['kernel'],
@@ -332,7 +333,7 @@ def test_training_checkpoint_loads_params_not_four_leaves(timm, tmp_path, caplog
   np.savez(tmp_path / 'train.npz', **arrays)
   cfg = our_cfg('augreg_cls', tuning='adaptformer')
   for strict in (True, False):
-    with caplog.at_level(logging.INFO, logger='adaptformer_jax.pretrained'):
+    with caplog.at_level(logging.INFO):
       variables = pretrained.load(tmp_path / 'train.npz', cfg, strict=strict,
                                   init_variables=models.build(cfg).init(
                                       jax.random.key(0), IMAGES[:1]))
@@ -381,7 +382,7 @@ def test_headless_backbone_with_gap_follows_mae(timm, tmp_path, caplog):
   ref = timm_model(timm, 'mae_gap_fc_norm', seed=14, global_pool='token')
   state = {k: v for k, v in ref.state_dict().items() if not k.startswith('head.')}
   cfg = our_cfg('mae_gap_fc_norm')
-  with caplog.at_level(logging.INFO, logger='adaptformer_jax.pretrained'):
+  with caplog.at_level(logging.INFO):
     variables = pretrained.load(save_torch(state, tmp_path / 'mae.pth'), cfg)
   assert 'fc_norm (MAE: starts at identity)' in caplog.text
   np.testing.assert_array_equal(variables['params']['fc_norm']['scale'], np.ones(32))
@@ -452,13 +453,12 @@ def test_family_presets_have_timms_parameter_count(name, timm):
 
 
 def test_recipe_takes_a_backbone_preset():
-  from adaptformer_jax import recipes  # pylint: disable=g-import-not-at-top
-  model = recipes.official('cifar100', 'cifar100', 100, 'adaptformer,vit_b14_dinov2').model
+  model = shipped_config('cifar100', 'adaptformer,vit_b14_dinov2').model
   assert (model.name, model.patch_size, model.layerscale, model.head) == (
       'vit_b14_dinov2', 14, 1e-5, 'bn_linear')
-  assert recipes.official('cifar100', 'cifar100', 100, 'lora').model.name == 'vit_b16'
+  assert shipped_config('cifar100', 'lora').model.name == 'vit_b16'
   with pytest.raises(UserError, match="unknown preset 'vit_b14_dino'"):
-    recipes.official('cifar100', 'cifar100', 100, 'adaptformer,vit_b14_dino')
+    shipped_config('cifar100', 'adaptformer,vit_b14_dino')
 
 
 def test_openclip_around_a_timm_trunk(timm, tmp_path):

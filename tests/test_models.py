@@ -1,4 +1,6 @@
 """Model presets, parameter counts, tuning variants and config validation."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,14 +9,16 @@ import pytest
 from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax.models import presets
+from adaptformer_jax.models import vit
+from conftest import shipped_config
 from conftest import tiny_cfg
+from conftest import tiny_video_cfg
 
 
 def shapes(cfg):
   model = models.build(cfg)
-  size = cfg.image_size
   return jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *models.input_shape(cfg)))))
 
 
 def test_vit_b16_adaptformer_trains_the_papers_parameter_count():
@@ -36,7 +40,7 @@ TIMM_TOTALS = {
 SCALING_PAPER_MILLIONS = {'vit_g14': 1011, 'vit_G14': 1843}
 
 
-@pytest.mark.parametrize('name', sorted(set(models.PRESETS) - set(presets.FAMILY_OPTIONS)))
+@pytest.mark.parametrize('name', sorted(n for n in models.PRESETS if presets.family(n) is None))
 def test_preset_totals_match_published(name):
   params = shapes(models.preset(name, tuning='full'))['params']
   if name in TIMM_TOTALS:
@@ -44,6 +48,67 @@ def test_preset_totals_match_published(name):
   else:
     backbone = peft.count(params) - peft.count(params['head'])
     assert round(backbone / 1e6) == SCALING_PAPER_MILLIONS[name]
+
+
+def test_videomae_b16_adaptformer_ssv2_count_against_the_arithmetic():
+  cfg = models.preset('videomae_b16', num_classes=174, tuning='adaptformer')
+  params = shapes(cfg)['params']
+  d, bottleneck, depth = 768, 64, 12
+  adapters = depth * ((d * bottleneck + bottleneck) + (bottleneck * d + d))
+  head = d * 174 + 174
+  assert adapters == 1_189_632  # the paper's "1.19 M"
+  assert peft.count(params, peft.trainable_mask(params, cfg)) == adapters + head == 1_323_438
+  # The backbone is timm's ViT-B/16 less its class token, learned position table
+  # (197 rows) and k biases, with a patch kernel twice as deep (2-frame tubelets).
+  vit_b16_backbone = TIMM_TOTALS['vit_b16'] - (d * 1000 + 1000)
+  videomae_backbone = vit_b16_backbone - d - 197 * d - depth * d + 16 * 16 * 3 * d
+  assert peft.count(params) == videomae_backbone + adapters + head
+
+
+def test_video_model_shapes_and_fixed_position_table():
+  cfg = tiny_video_cfg()
+  assert models.input_shape(cfg) == (4, 32, 32, 3)
+  model = models.build(cfg)
+  clips = jax.random.normal(jax.random.key(1), (3, 4, 32, 32, 3))
+  variables = model.init(jax.random.key(0), clips)
+  params = variables['params']
+  assert params['embedding']['kernel'].shape == (2, 8, 8, 3, 32)
+  assert 'pos_embedding' not in params and 'cls' not in params  # sincos, no class token
+  assert set(params['block0']['attn']) == {'qkv', 'q_bias', 'v_bias', 'out'}
+  assert 'bias' not in params['block0']['attn']['qkv']
+  assert model.apply(variables, clips).shape == (3, 5)
+  # Another clip length: the same parameters, a recomputed table.
+  longer = models.build(tiny_video_cfg(num_frames=8))
+  assert longer.apply(variables, jnp.concatenate([clips, clips], 1)).shape == (3, 5)
+
+
+def test_fresh_video_adapters_leave_the_backbone_exact():
+  cfg = tiny_video_cfg()
+  clips = jax.random.normal(jax.random.key(1), (2, 4, 32, 32, 3))
+  variables = models.build(cfg).init(jax.random.key(0), clips)
+  backbone = jax.tree.map(lambda x: x, variables['params'])
+  for i in range(cfg.depth):
+    del backbone[f'block{i}']['adapter']
+  linear = models.build(tiny_video_cfg(tuning='linear')).apply({'params': backbone}, clips)
+  np.testing.assert_array_equal(models.build(cfg).apply(variables, clips), linear)
+
+
+def test_official_video_adapter_init_is_a_nonzero_normal():
+  cfg = tiny_video_cfg(width=64, adapter=dict(init='trunc_normal', bottleneck=64))
+  params = models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 4, 32, 32, 3)))['params']
+  adapter = params['block0']['adapter']
+  for proj in ('down', 'up'):
+    kernel = np.asarray(adapter[proj]['kernel'])
+    assert abs(kernel.std() - 0.02) < 0.002 and np.abs(kernel).max() > 0.04  # not cut at 2σ
+    assert not np.any(adapter[proj]['bias'])
+  assert cfg.adapter.dropout == 0.0  # the video blocks' drop rate, not the image 0.1
+
+
+def test_layerscale_and_qkv_bias_options_shape_the_tree():
+  params = shapes(tiny_cfg(layerscale=1e-5, qkv_bias='none'))['params']['block0']
+  assert params['ls1'].shape == params['ls2'].shape == (32,)
+  assert set(params['attn']['qkv']) == {'kernel'}
+  assert 'ls1' not in shapes(tiny_cfg())['params']['block0']
 
 
 @pytest.mark.parametrize('tuning,pool,head', [
@@ -131,11 +196,23 @@ def test_bfloat16_compute_keeps_float32_params():
     (dict(pool='max'), 'model.pool'),
     (dict(adapter=dict(layernorm='pre')), 'model.adapter.layernorm'),
     (dict(adapter=dict(scale='big')), 'model.adapter.scale'),
+    (dict(adapter=dict(init='zero')), 'model.adapter.init'),
+    (dict(qkv_bias='k'), 'model.qkv_bias'),
+    (dict(posemb='rope'), 'model.posemb'),
+    (dict(class_token=False), 'model.pool'),
+    (dict(num_frames=8), 'model.num_frames'),
+    (dict(layerscale=-1.0), 'model.layerscale'),
 ])
 def test_bad_configs_raise_one_clear_value_error(overrides, field):
   with pytest.raises(ValueError, match=field.replace('.', r'\.')) as e:
     tiny_cfg(**overrides)
   assert '\n' not in str(e.value)
+
+
+def test_video_clip_length_must_fit_the_tubelet():
+  with pytest.raises(ValueError, match=r'model\.num_frames: 5 is not a positive multiple '
+                     r'of model\.tubelet 2'):
+    tiny_video_cfg(num_frames=5)
 
 
 def test_unknown_preset_suggests_the_close_name():
@@ -146,3 +223,50 @@ def test_unknown_preset_suggests_the_close_name():
 def test_unknown_tuning_names_the_allowed_methods():
   with pytest.raises(ValueError, match="did you mean 'adaptformer'.*allowed: full, linear"):
     tiny_cfg(tuning='adaptformr')
+
+
+def test_attention_xla_and_auto_agree_within_bfloat16_tolerance():
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  xla = models.build(tiny_cfg(dtype='bfloat16', attention='xla'))
+  auto = models.build(tiny_cfg(dtype='bfloat16', attention='auto'))
+  f32 = models.build(tiny_cfg(attention='xla'))
+  variables = xla.init(jax.random.key(0), images)
+  logits = xla.apply(variables, images)
+  np.testing.assert_allclose(logits, auto.apply(variables, images), atol=2e-2)
+  np.testing.assert_allclose(logits, f32.apply(variables, images), atol=5e-2)
+
+
+@pytest.mark.parametrize('platform,kind,dtype,head_dim,expected', [
+    ('gpu', 'NVIDIA H100 80GB HBM3', 'bfloat16', 64, 'cudnn'),
+    ('gpu', 'NVIDIA H100 80GB HBM3', 'float32', 64, 'xla'),  # cuDNN's kernel is bf16/f16
+    ('gpu', 'NVIDIA A100-SXM4-80GB', 'bfloat16', 12, 'xla'),  # head dim not a multiple of 8
+    ('gpu', 'AMD Instinct MI300X', 'bfloat16', 64, 'xla'),
+    ('cpu', 'cpu', 'bfloat16', 64, 'xla'),
+])
+def test_auto_attention_picks_cudnn_only_where_it_applies(platform, kind, dtype, head_dim,
+                                                          expected):
+  device = types.SimpleNamespace(platform=platform, device_kind=kind)
+  assert vit.attention_implementation('auto', dtype, head_dim, device) == expected
+  assert vit.attention_implementation('xla', dtype, head_dim, device) == 'xla'
+
+
+def test_cudnn_attention_where_it_cannot_run_is_a_clear_config_error():
+  images = jnp.ones((1, 32, 32, 3))
+  model = models.build(tiny_cfg(dtype='bfloat16', attention='cudnn'))
+  with pytest.raises(ValueError, match=r"model\.attention='cudnn' needs an NVIDIA GPU.*"
+                                       r"use 'auto' or 'xla'"):
+    model.init(jax.random.key(0), images)
+  with pytest.raises(ValueError, match=r"model\.attention: 'flash' is not one of"):
+    tiny_cfg(attention='flash')
+
+
+@pytest.mark.parametrize('config_name,num_classes', [('ssv2', 174), ('hmdb51', 51)])
+def test_official_video_configs_train_adapters_head_and_fc_norm(config_name, num_classes):
+  config = shipped_config(config_name, 'adaptformer')
+  assert models.input_shape(config.model) == (8, 224, 224, 3)
+  assert (config.data.name, config.data.num_classes) == ('video_list', num_classes)
+  params = shapes(config.model)['params']
+  d = 768
+  # The official script also trains fc_norm (fresh in a VideoMAE pre-training file).
+  assert peft.count(params, peft.trainable_mask(params, config.model)) == (
+      1_189_632 + d * num_classes + num_classes + 2 * d)

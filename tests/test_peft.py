@@ -106,3 +106,25 @@ def test_frozen_parameters_get_no_weight_gradient_work():
   adapter_flops = grads(peft.trainable_mask(params, cfg))
   full_flops = grads(all_train)
   assert adapter_flops < 0.8 * full_flops
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_frozen_weights_stored_in_bfloat16_halve_and_keep_the_logits(dtype):
+  cfg = tiny_cfg(dtype=dtype)
+  model, variables, images = init(cfg)
+  params = variables['params']
+  mask = peft.trainable_mask(params, cfg)
+  stored = peft.store_frozen(params, mask, 'bfloat16')
+  flat, flat_stored = (flax.traverse_util.flatten_dict(p, sep='/') for p in (params, stored))
+  for path, trains in flax.traverse_util.flatten_dict(mask, sep='/').items():
+    if trains:
+      assert flat_stored[path] is flat[path]
+    else:
+      assert flat_stored[path].dtype == jnp.bfloat16, path
+  frozen_bytes = lambda p: sum(x.nbytes for x, m in zip(jax.tree.leaves(p),
+                                                        jax.tree.leaves(mask)) if not m)
+  assert frozen_bytes(stored) * 2 == frozen_bytes(params)
+  logits = model.apply({'params': params}, images)
+  stored_logits = model.apply({'params': stored}, images)
+  assert stored_logits.dtype == jnp.float32
+  np.testing.assert_allclose(stored_logits, logits, atol=2e-2 * float(np.abs(logits).max()))

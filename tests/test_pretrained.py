@@ -20,17 +20,8 @@ from adaptformer_jax import models
 from adaptformer_jax import pretrained
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.models import methods
+from conftest import IMAGES
 from conftest import tiny_cfg
-
-IMAGES = np.random.RandomState(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
-
-
-@pytest.fixture(name='ref')
-def _ref():
-  pytest.importorskip('torch')
-  import torch_reference  # pylint: disable=g-import-not-at-top
-  return torch_reference
-
 
 def timm_weights(cfg, seed=0, grid=None, width=None, depth=None, num_classes=None):
   """A random timm ViT state dict (numpy) for `cfg`, optionally with another shape."""
@@ -123,6 +114,19 @@ def big_vision_layout(sd, num_heads, posemb_with_class=True):
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def save_weights(tmp_path, sd, cfg, container):
+  """timm weights `sd` written as 'safetensors', 'timm_pth', 'augreg_npz' or 'big_vision_npz'."""
+  path = tmp_path / f'ckpt.{container.rpartition("_")[2]}'
+  if container == 'safetensors':
+    save_file(sd, path)
+  elif container == 'timm_pth':
+    torch = pytest.importorskip('torch')
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+  else:
+    np.savez(path, **big_vision_layout(sd, cfg.num_heads, container == 'augreg_npz'))
+  return path
+
+
 def logits(cfg, variables):
   return np.asarray(models.build(cfg).apply(variables, IMAGES))
 
@@ -138,22 +142,15 @@ def flat(variables):
 # ---------------------------------------------------------------- torch layouts
 
 
-def _official(sd):
-  return sd
-
-
-def _training_script(sd):
-  return {'model': sd, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 7,
-          'scaler': {'scale': 1024.0}, 'args': argparse.Namespace(lr=1e-3, ffn_num=8)}
-
-
-@pytest.mark.parametrize('wrap', [_official, _training_script])
-def test_official_checkpoint_matches_torch_reference(wrap, ref, tmp_path):
-  """The official layout (split q/k/v, fc1 on the block, adapters, BN head), bare or as saved
-  by the official training script (under "model", next to optimizer/epoch/args)."""
+def test_training_script_checkpoint_matches_torch_reference(ref, tmp_path):
+  """The official layout (split q/k/v, fc1 on the block, adapters, BN head) as saved by the
+  official training script: under "model", next to optimizer/epoch/args. The bare layout
+  is test_vit_torch_parity's."""
   cfg = tiny_cfg(adapter=dict(scale='learnable', layernorm='in'), head='bn_linear')
   torch_model = ref.randomized(cfg)
-  ref.torch.save(wrap(torch_model.state_dict()), tmp_path / 'ckpt.pth')
+  ref.torch.save({'model': torch_model.state_dict(), 'epoch': 7,
+                  'optimizer': {'state': {}, 'param_groups': []}, 'scaler': {'scale': 1024.0},
+                  'args': argparse.Namespace(lr=1e-3, ffn_num=8)}, tmp_path / 'ckpt.pth')
   variables = pretrained.load(tmp_path / 'ckpt.pth', cfg)
   np.testing.assert_allclose(logits(cfg, variables), ref.logits(torch_model, IMAGES),
                              atol=1e-5, rtol=0)
@@ -197,13 +194,9 @@ def test_torch_free_layouts_match_numpy_reference(container, tmp_path):
   """timm .safetensors, AugReg .npz and big_vision .npz (no class-token posemb) without torch."""
   cfg = tiny_cfg(tuning='linear')
   sd = timm_weights(cfg)
-  path = tmp_path / f'ckpt.{container.rpartition("_")[2]}'
-  if container == 'safetensors':
-    save_file(sd, path)
-  else:
-    if container == 'big_vision_npz':  # no class-token position embedding there
-      sd['pos_embed'][:, 0] = 0
-    np.savez(path, **big_vision_layout(sd, cfg.num_heads, container == 'augreg_npz'))
+  if container == 'big_vision_npz':  # no class-token position embedding there
+    sd['pos_embed'][:, 0] = 0
+  path = save_weights(tmp_path, sd, cfg, container)
   expected = numpy_forward(sd, IMAGES, cfg.num_heads)
   np.testing.assert_allclose(logits(cfg, pretrained.load(path, cfg)), expected,
                              atol=1e-5, rtol=0)
@@ -375,15 +368,8 @@ def test_unknown_layout(tmp_path):
 @pytest.mark.parametrize('ext', ['safetensors', 'npz', 'pth'])
 def test_truncated_file(ext, tmp_path):
   cfg = tiny_cfg(tuning='linear')
-  sd = timm_weights(cfg)
-  path = tmp_path / f'ckpt.{ext}'
-  if ext == 'safetensors':
-    save_file(sd, path)
-  elif ext == 'npz':
-    np.savez(path, **big_vision_layout(sd, cfg.num_heads))
-  else:
-    torch = pytest.importorskip('torch')
-    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+  path = save_weights(tmp_path, timm_weights(cfg), cfg,
+                      {'npz': 'big_vision_npz', 'pth': 'timm_pth'}.get(ext, ext))
   path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
   with pytest.raises(UserError, match=f'{path}: could not read it as .*truncated'):
     pretrained.load(path, cfg)

@@ -24,7 +24,7 @@ ADAPTER = 'params/block0/adapter/down/kernel'
 
 
 @functools.cache  # test_multihost reuses the 8-device reference run
-def launch(processes=1, devices_per_process=8, model_parallel=(1, 4), timeout=240):
+def launch(processes=1, devices_per_process=8, model_parallel=(1, 4), timeout=600):
   """Runs the worker in `processes` local processes; returns each one's results.
 
   Any failure (or the timeout) kills every process: a peer left waiting on a

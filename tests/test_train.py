@@ -133,3 +133,30 @@ def test_gradient_accumulation_matches_the_large_batch(data_dir):
         state, _ = step(state, batch)
     states.append(state.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), *states)
+
+
+def test_frozen_bfloat16_state_keeps_trainable_leaves_and_optimizer_in_float32():
+  config = tiny_run_config()
+  config.model.frozen_dtype = 'bfloat16'
+  config.warmup_steps = 0
+  trainer = train.Trainer(train.Run(config))
+  state = trainer.initial_state()
+  # What a restore builds matches what training holds.
+  assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype,
+                                                                 trainer.abstract_state())
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.opt_state)
+             if jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
+  batch = {'image': jax.random.normal(jax.random.key(0), (32, 16, 16, 3)),
+           'label': jax.numpy.arange(32) % 10}
+  before = jax.device_get(state.params)
+  step = trainer.jit_train_step()
+  for _ in range(3):  # the zero-initialised up-projection lets the rest move from step 2
+    state, _ = step(state, batch)
+  after = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
+  before = flax.traverse_util.flatten_dict(before, sep='/')
+  for path, trains in flax.traverse_util.flatten_dict(trainer.run.mask, sep='/').items():
+    if trains:
+      assert after[path].dtype == np.float32 and not np.array_equal(after[path], before[path])
+    else:
+      assert after[path].dtype == jax.numpy.bfloat16, path
+      assert after[path].tobytes() == before[path].tobytes(), path

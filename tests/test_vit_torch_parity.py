@@ -10,9 +10,8 @@ import pytest
 
 from adaptformer_jax import models
 from adaptformer_jax import pretrained
+from conftest import IMAGES
 from conftest import tiny_cfg
-
-IMAGES = np.random.RandomState(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
 
 CASES = {
     'parallel': {},
@@ -26,13 +25,6 @@ CASES = {
     'bn_linear': dict(head='bn_linear'),
     'linear_probe_gap_bn': dict(tuning='linear', pool='gap', head='bn_linear'),
 }
-
-
-@pytest.fixture(name='ref')
-def _ref():
-  pytest.importorskip('torch')
-  import torch_reference  # pylint: disable=g-import-not-at-top
-  return torch_reference
 
 
 def nan_variables(cfg):

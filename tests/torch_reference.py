@@ -127,14 +127,14 @@ class VisionTransformer(nn.Module):
     return self.head(x)
 
 
-def randomized(cfg, seed=0):
+def randomized(cfg, seed=0, model_cls=None):
   """The reference model for `cfg` in eval mode, every weight random and non-zero.
 
   Adapters get non-zero up projections (the official init zeroes them), LN
   scales are near 1, and BatchNorm running statistics are non-trivial.
   """
   torch.manual_seed(seed)
-  model = VisionTransformer(cfg)
+  model = (model_cls or VisionTransformer)(cfg)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith('.scale') or (p.ndim == 1 and 'norm' in name and name.endswith('weight')):

@@ -5,6 +5,9 @@ download) as an ordinary tfds dataset, so demos, tests and the transfer recipe
 (pre-train on digits 0-4, adapt on 5-9) run on machines without network access
 through exactly the same tfds code path as CIFAR or ImageNet.
 """
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -15,7 +18,7 @@ class SklearnDigitsConfig(tfds.core.BuilderConfig):
   """A subset of the digits (labels are the digits minus the first one) and the
   share of them held out as the test split."""
 
-  def __init__(self, *, digits, test_size=0.2, **kwargs):
+  def __init__(self, *, digits: Sequence[int], test_size: float = 0.2, **kwargs: Any):
     super().__init__(**kwargs)
     self.digits = tuple(digits)
     self.test_size = test_size
@@ -55,18 +58,25 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
             'test': self._generate_examples('test')}
 
   def _generate_examples(self, split):
-    # Imported here: scikit-learn is only needed while building.
-    from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-    from sklearn import model_selection  # pylint: disable=g-import-not-at-top
-    digits = sk_datasets.load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-    # One stratified split of all digits, so that the 80/20 configs' train and
-    # test sets are subsets of the `all` config's.
-    index = np.arange(len(images))
-    train, test = model_selection.train_test_split(
-        index, test_size=self.builder_config.test_size, stratify=digits.target,
-        random_state=0)
+    images, targets, index = digits_split(split, self.builder_config.test_size)
     first = self.builder_config.digits[0]
-    for i in sorted(train if split == 'train' else test):
-      if digits.target[i] in self.builder_config.digits:
-        yield int(i), {'image': images[i], 'label': int(digits.target[i]) - first}
+    for i in index:
+      if targets[i] in self.builder_config.digits:
+        yield int(i), {'image': images[i], 'label': int(targets[i]) - first}
+
+
+def digits_split(split: str, test_size: float = 0.2):
+  """(uint8 (1797, 8, 8, 1) images in 0..255, their digits, sorted indices of `split`).
+
+  One stratified split of all digits, so that the 80/20 configs' train and test
+  sets are subsets of the `all` config's, and `moving_digits` never moves a test
+  digit in training.
+  """
+  # Imported here: scikit-learn is only needed while building.
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+  train, test = model_selection.train_test_split(
+      np.arange(len(images)), test_size=test_size, stratify=digits.target, random_state=0)
+  return images, digits.target, sorted(train if split == 'train' else test)

@@ -5,23 +5,33 @@ with a seed derived from (seed, e), and each example's augmentation is seeded by
 its position in that stream. Resuming at step s therefore skips s * batch
 undecoded records and reproduces the uninterrupted run exactly. Nothing here
 ever downloads: an unprepared dataset is a UserError that says how to prepare
-it, except the embedded `sklearn_digits` and `glyphs`, which build themselves offline.
+it, except the embedded `sklearn_digits`, `glyphs` and `moving_digits`, which
+build themselves offline. Video datasets (a tfds `video` feature, e.g. ucf101, or
+data.name='video_list': official `<path> <label>` lists, see video_lists.py)
+take the same path with `num_frames` set; batches hold the model input under
+'image' either way: (B, H, W, 3) images or (B, T, H, W, 3) clips.
 """
 import collections
 import contextlib
 import dataclasses
 import difflib
 import itertools
+from collections.abc import Callable
+from collections.abc import Iterator
 
 from absl import logging
 import jax
+from jax.sharding import NamedSharding
+import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from adaptformer_jax import sharding as sharding_lib
 from adaptformer_jax.data import embedded
 from adaptformer_jax.data import glyphs
+from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import preprocess
+from adaptformer_jax.data import video_lists
 from adaptformer_jax.errors import UserError
 
 # TF only feeds the host pipeline; keep it off any accelerator JAX wants.
@@ -29,30 +39,115 @@ with contextlib.suppress(RuntimeError):  # TF devices already initialised
   tf.config.set_visible_devices([], 'GPU')
 
 _ENDLESS = 2**62  # epochs (or positions) to iterate: effectively forever
+VIDEO_LIST = 'video_list'  # data.name of annotation-list datasets
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What the model and the step plan need to know about a dataset."""
   num_classes: int
-  class_names: list
+  class_names: list[str]
   num_train: int  # examples in data.train_split (all processes)
   num_eval: int   # examples in data.eval_split (all processes)
   name: str = ''
 
 
-def info(data_cfg):
-  """Class names and split sizes; prepares the embedded dataset if needed."""
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """Where examples come from: a prepared tfds builder or annotation lists."""
+  kind: str  # 'image' | 'video'
+  class_names: list
+  count: Callable[[str, str], int]               # (split, field) -> examples, all processes
+  process_counts: Callable[[str, str], list]     # (split, field) -> examples per process
+  records: Callable[[str], tf.data.Dataset]      # split -> this process's (encoded, label)
+  decode: Callable[[tf.Tensor], tf.Tensor]
+
+
+def _source(data_cfg):
+  return _list_source(data_cfg) if data_cfg.name == VIDEO_LIST else _tfds_source(data_cfg)
+
+
+def _model_source(data_cfg, num_frames):
+  """The data.name source, which must hold what the model takes: images when
+  `num_frames` is None, else videos."""
+  source = _source(data_cfg)
+  if (source.kind == 'video') != (num_frames is not None):
+    raise UserError(
+        f'data.name: {data_cfg.name!r} holds {source.kind}s but the model takes '
+        f'{"clips" if num_frames else "images"}; use a '
+        + ("video model (model.patch_embed='tubelet', e.g. a videomae_* preset)."
+           if source.kind == 'video' else "model with model.patch_embed='2d', or a video dataset."))
+  return source
+
+
+def _tfds_source(data_cfg):
   builder = _builder(data_cfg)
-  label = builder.info.features['label']
+  key = 'video' if 'video' in builder.info.features else 'image'
+
+  def records(split):
+    ds = builder.as_dataset(split=_process_split(split), shuffle_files=False,
+                            decoders={key: tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: (ex[key], ex['label']))  # cheap to skip, decoded later
+
+  return _Source(
+      kind=key, class_names=list(builder.info.features['label'].names),
+      count=lambda split, field: _count(builder, split, field),
+      process_counts=lambda split, field: [
+          _count(builder, s, field) for s in tfds.even_splits(split, n=jax.process_count())],
+      records=records, decode=builder.info.features[key].decode_example)
+
+
+def _list_source(data_cfg):
+  """Official `<path> <label>` lists: data.train_split/eval_split are list files."""
+  video_lists.require_decoder()
+  num_classes = data_cfg.get('num_classes')
+  if not num_classes:
+    raise UserError("data.num_classes: set it for data.name='video_list' "
+                    '(e.g. 174 for SSv2, 51 for HMDB51).')
+  lists = {}
+
+  def read(split, field):
+    if split not in lists:
+      lists[split] = video_lists.read(split, root=data_cfg.get('video_root', ''),
+                                      num_classes=num_classes, field=field)
+    return lists[split]
+
+  def chunk(n, i):  # contiguous, as tfds.even_splits
+    return slice(i * n // jax.process_count(), (i + 1) * n // jax.process_count())
+
+  def records(split):
+    entries = read(split, 'data split')
+    mine = chunk(len(entries.paths), jax.process_index())
+    return tf.data.Dataset.from_tensor_slices(
+        (list(entries.paths[mine]), list(entries.labels[mine])))
+
+  decoder = video_lists.Decoder()
+
+  def decode(path):
+    video = tf.numpy_function(decoder, [path], tf.uint8, stateful=False)
+    return tf.ensure_shape(video, (None, None, None, 3))
+
+  def process_counts(split, field):
+    n = len(read(split, field).paths)
+    return [len(range(n)[chunk(n, i)]) for i in range(jax.process_count())]
+
+  return _Source(
+      kind='video', class_names=[str(i) for i in range(num_classes)],
+      count=lambda split, field: len(read(split, field).paths),
+      process_counts=process_counts, records=records, decode=decode)
+
+
+def info(data_cfg: ml_collections.ConfigDict) -> DatasetInfo:
+  """Class names and split sizes; prepares the embedded dataset if needed."""
+  source = _source(data_cfg)
   return DatasetInfo(
-      num_classes=label.num_classes, class_names=list(label.names),
-      num_train=_count(builder, data_cfg.train_split, 'data.train_split'),
-      num_eval=_count(builder, data_cfg.eval_split, 'data.eval_split'),
+      num_classes=len(source.class_names), class_names=source.class_names,
+      num_train=source.count(data_cfg.train_split, 'data.train_split'),
+      num_eval=source.count(data_cfg.eval_split, 'data.eval_split'),
       name=str(data_cfg.name))
 
 
-def check_num_classes(dataset_info, model_num_classes):
+def check_num_classes(dataset_info: DatasetInfo, model_num_classes: int) -> None:
   """The model head must have one output per dataset class."""
   if dataset_info.num_classes != model_num_classes:
     raise UserError(
@@ -61,22 +156,22 @@ def check_num_classes(dataset_info, model_num_classes):
         f'model.num_classes={dataset_info.num_classes}.')
 
 
-def train_iterator(data_cfg, *, image_size, global_batch, sharding, seed,
-                   start_step=0):
+def train_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
+                   global_batch: int, sharding: NamedSharding, seed: int,
+                   start_step: int = 0, num_frames: int | None = None
+                   ) -> Iterator[dict[str, jax.Array]]:
   """Endless {'image', 'label'} global batches; from `start_step` on, exactly
   the batches an uninterrupted run sees at those steps.
 
   `sharding` is a NamedSharding that splits the batch axis, e.g. P('data').
+  `num_frames` (video models) samples clips of that many frames.
   """
   local_batch = _local_batch(global_batch)
-  builder = _builder(data_cfg)
-  _count(builder, data_cfg.train_split, 'data.train_split')
-  split = _process_split(data_cfg.train_split)
-  num = _count(builder, split, 'data.train_split')
-  pp = preprocess.make(data_cfg.train_pp, image_size=image_size,
-                       normalize=data_cfg.normalize, field='data.train_pp')
-  decode = builder.info.features['image'].decode_example
-  records = _records(builder, split)
+  source = _model_source(data_cfg, num_frames)
+  source.count(data_cfg.train_split, 'data.train_split')
+  num = source.process_counts(data_cfg.train_split, 'data.train_split')[jax.process_index()]
+  pp = _preprocess(data_cfg, 'train_pp', image_size, num_frames, train=True)
+  records = source.records(data_cfg.train_split)
   buffer = min(int(data_cfg.shuffle_buffer), num)
   shuffle_key = _fold(tf.constant([0, seed], tf.int64), 0)
   augment_key = _fold(_fold(tf.constant([0, seed], tf.int64), 1),
@@ -89,46 +184,44 @@ def train_iterator(data_cfg, *, image_size, global_batch, sharding, seed,
         [], _fold(shuffle_key, e), minval=None, maxval=None, dtype=tf.int64)
     return records.shuffle(buffer, seed=epoch_seed)
 
-  def example(position, record):
-    encoded, label = record
-    return {'image': pp(decode(encoded), _fold(augment_key, position)),
+  def example(position, decoded, label):
+    return {'image': pp(decoded, _fold(augment_key, position)),
             'label': tf.cast(label, tf.int32)}
 
   first = start_step * local_batch
   ds = tf.data.Dataset.range(first // num, _ENDLESS).flat_map(epoch)
   ds = ds.skip(first % num).enumerate(start=first)  # skips before decoding
-  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _decoded(ds, source, example)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _device_batches(_deterministic(ds), sharding)
 
 
-def eval_iterator(data_cfg, *, image_size, global_batch, sharding):
+def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
+                  global_batch: int, sharding: NamedSharding,
+                  num_frames: int | None = None) -> 'EvalBatches':
   """Re-iterable passes over the eval split: {'image', 'label', 'mask'} batches.
 
   The last batch is padded (mask 0.0) and every process yields the same number
   of batches, so masked metrics count each example exactly once.
   """
   local_batch = _local_batch(global_batch)
-  builder = _builder(data_cfg)
-  _count(builder, data_cfg.eval_split, 'data.eval_split')
-  counts = [_count(builder, s, 'data.eval_split')
-            for s in tfds.even_splits(data_cfg.eval_split, n=jax.process_count())]
-  num_batches = -(-max(counts) // local_batch)
-  pp = preprocess.make(data_cfg.eval_pp, image_size=image_size,
-                       normalize=data_cfg.normalize, field='data.eval_pp')
-  decode = builder.info.features['image'].decode_example
+  source = _model_source(data_cfg, num_frames)
+  source.count(data_cfg.eval_split, 'data.eval_split')
+  num_batches = -(-max(source.process_counts(data_cfg.eval_split, 'data.eval_split'))
+                  // local_batch)
+  pp = _preprocess(data_cfg, 'eval_pp', image_size, num_frames, train=False)
   key = tf.constant([0, 0], tf.int64)  # random eval ops stay deterministic
 
-  def example(index, record):
-    encoded, label = record
-    return {'image': pp(decode(encoded), _fold(key, index)),
+  def example(index, decoded, label):
+    return {'image': pp(decoded, _fold(key, index)),
             'label': tf.cast(label, tf.int32), 'mask': tf.constant(1.0)}
 
+  frames = () if num_frames is None else (num_frames,)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros((image_size, image_size, 3)),
+      'image': tf.zeros((*frames, image_size, image_size, 3)),
       'label': tf.constant(0), 'mask': tf.constant(0.0)}).repeat()
-  ds = _records(builder, _process_split(data_cfg.eval_split)).enumerate()
-  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE).concatenate(padding)
+  ds = _decoded(source.records(data_cfg.eval_split).enumerate(), source, example)
+  ds = ds.concatenate(padding)
   ds = ds.take(num_batches * local_batch).batch(local_batch)
   return EvalBatches(_deterministic(ds.prefetch(tf.data.AUTOTUNE)), sharding,
                      num_batches)
@@ -137,13 +230,13 @@ def eval_iterator(data_cfg, *, image_size, global_batch, sharding):
 class EvalBatches:
   """Each `iter()` is a fresh pass; `len()` is the number of batches."""
 
-  def __init__(self, ds, sharding, num_batches):
+  def __init__(self, ds: tf.data.Dataset, sharding: NamedSharding, num_batches: int):
     self._ds, self._sharding, self._num_batches = ds, sharding, num_batches
 
-  def __iter__(self):
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return _device_batches(self._ds, self._sharding)
 
-  def __len__(self):
+  def __len__(self) -> int:
     return self._num_batches
 
 
@@ -182,11 +275,22 @@ def _deterministic(ds):
   return ds.with_options(options)
 
 
-def _records(builder, split):
-  """(encoded image, label) pairs in file order: cheap to skip, decoded later."""
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  return ds.map(lambda ex: (ex['image'], ex['label']))
+def _preprocess(data_cfg, field, image_size, num_frames, train):
+  video = {} if num_frames is None else dict(
+      num_frames=num_frames, frame_sampling=data_cfg.get('frame_sampling', 'dense'),
+      frame_stride=data_cfg.get('frame_stride', 1), train=train)
+  return preprocess.make(data_cfg[field], image_size=image_size,
+                         normalize=data_cfg.normalize, field=f'data.{field}', **video)
+
+
+def _decoded(ds, source, example):
+  """(position, (encoded, label)) -> example(position, decoded, label); videos
+  that decode to no frames are dropped (video_lists.Decoder names and counts them)."""
+  decode = lambda position, record: (position, source.decode(record[0]), record[1])
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  if source.kind == 'video':
+    ds = ds.filter(lambda position, video, label: tf.shape(video)[0] > 0)
+  return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _builder(data_cfg):
@@ -207,18 +311,19 @@ def _builder(data_cfg):
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
     known = tfds.list_builders(with_community_datasets=False)  # no network
-    known += [f'{cls.name}/{c.name}' for cls in (embedded.SklearnDigits, glyphs.Glyphs)
+    known += [f'{cls.name}/{c.name}' for cls in (embedded.SklearnDigits, glyphs.Glyphs,
+                                                  moving_digits.MovingDigits)
               for c in cls.BUILDER_CONFIGS]
     close = difflib.get_close_matches(dataset.name, known, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ''
     raise UserError(
         f'data.name: unknown dataset {name!r}{hint}; use a tfds image '
         f"classification dataset (tfds.list_builders()) or the offline "
-        f"'{embedded.NAME}/all'.") from None
+        f"'{embedded.NAME}/all' (images) or '{moving_digits.NAME}/direction' (video).") from None
   except (ValueError, AssertionError) as e:  # e.g. an unknown config or version
     raise UserError(f'data.name: cannot load {name!r} ({_reason(e)}){_configs(dataset.name)}.') from None
   if not builder.is_prepared():
-    if builder.name not in (embedded.NAME, glyphs.NAME):
+    if builder.name not in (embedded.NAME, glyphs.NAME, moving_digits.NAME):
       root = data_dir or tfds.core.constants.DATA_DIR
       raise UserError(
           f'data.name: dataset {name!r} is not prepared in data_dir {root!r} '
@@ -230,12 +335,13 @@ def _builder(data_cfg):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   features = dict(builder.info.features)
-  if not (isinstance(features.get('image'), tfds.features.Image)
+  if not ((isinstance(features.get('image'), tfds.features.Image)
+           or isinstance(features.get('video'), tfds.features.Video))
           and isinstance(features.get('label'), tfds.features.ClassLabel)):
     raise UserError(
-        f"data.name: {name!r} is not an image classification dataset: it needs "
-        f"an 'image' Image and a 'label' ClassLabel feature, it has "
-        f'{features}.')
+        f"data.name: {name!r} is not an image or video classification dataset: it "
+        f"needs an 'image' Image or a 'video' Video and a 'label' ClassLabel feature, "
+        f'it has {features}.')
   return builder
 
 

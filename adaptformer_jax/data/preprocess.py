@@ -1,11 +1,15 @@
-"""Image preprocessing: '|'-separated op strings compiled to pure tf functions.
+"""Image and video preprocessing: '|'-separated op strings compiled to pure tf functions.
 
 Every random op draws from an explicit stateless seed, so an example's
 augmentation is a function of (seed, example position) and resuming a run
 reproduces it exactly. Ops follow the torchvision recipes of the official
 AdaptFormer code (bicubic, PIL-like antialiasing), on float32 images in [0, 1].
+A video clip is first sampled in time (FRAME_SAMPLING), then its frames are
+stacked along the channels, so every op crops, flips and resizes all frames of
+a clip alike, as the official video transforms do.
 """
 import math
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -28,7 +32,8 @@ def _resize(image, height, width):
   return tf.cond((shape[0] == height) & (shape[1] == width), lambda: image, resize)
 
 
-def random_resized_crop_box(height, width, seed):
+def random_resized_crop_box(height: tf.Tensor, width: tf.Tensor,
+                           seed: tf.Tensor) -> tuple[tf.Tensor, ...]:
   """torchvision RandomResizedCrop's window (top, left, height, width), defaults
   scale=(0.08, 1), ratio=(3/4, 4/3): 10 tries, then a ratio-clamped center crop.
   """
@@ -57,32 +62,32 @@ def random_resized_crop_box(height, width, seed):
   return top, left, h, w
 
 
-def random_resized_crop(image, seed, size):
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """torchvision RandomResizedCrop(size) with bicubic interpolation."""
   shape = tf.shape(image)
   top, left, h, w = random_resized_crop_box(shape[0], shape[1], seed)
   return _resize(image[top:top + h, left:left + w], size, size)
 
 
-def flip(image, seed, size):
+def flip(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """Horizontal flip with probability 1/2."""
   del size
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def pad_crop(image, seed, size):
+def pad_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """The CIFAR recipe: zero-pad 4 pixels, random crop back (resized to size first)."""
   image = tf.pad(_resize(image, size, size), [[4, 4], [4, 4], [0, 0]])
-  return tf.image.stateless_random_crop(image, (size, size, 3), seed)
+  return tf.image.stateless_random_crop(image, (size, size, tf.shape(image)[-1]), seed)
 
 
-def resize(image, seed, size):
+def resize(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """Bicubic to size x size, ignoring the aspect ratio."""
   del seed
   return _resize(image, size, size)
 
 
-def resize_center_crop(image, seed, size):
+def resize_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """Official eval: shorter side to size*256/224 (256 for 224), center crop size."""
   del seed
   short = int(size * 256 / 224)
@@ -94,19 +99,82 @@ def resize_center_crop(image, seed, size):
   return center_crop(_resize(image, scaled_h, scaled_w), None, size)
 
 
-def center_crop(image, seed, size):
+# (w, h) multiples of the free space / 4 where GroupMultiScaleCrop may put a crop.
+_FIXED_OFFSETS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+                  (1, 1), (3, 1), (1, 3), (3, 3))
+_MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
+
+
+def multi_scale_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """TSN/VideoMAE GroupMultiScaleCrop(size, [1, .875, .75, .66]): the short side
+  times one scale by a neighbouring one (max_distort 1), at one of 13 fixed
+  offsets, bilinear to size. The official video AdaptFormer's training crop
+  (SSv2 and HMDB51 alike, no flip)."""
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  sizes = tf.cast(tf.cast(tf.minimum(height, width), tf.float32) * _MULTI_SCALES, tf.int32)
+  sizes = tf.where(tf.abs(sizes - size) < 3, size, sizes)
+  pairs = [(i, j) for i in range(len(_MULTI_SCALES)) for j in range(len(_MULTI_SCALES))
+           if abs(i - j) <= 1]
+  pair_seed, offset_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  pair = tf.gather(pairs, tf.random.stateless_uniform([], pair_seed, 0, len(pairs), tf.int32))
+  crop_h, crop_w = tf.gather(sizes, pair[0]), tf.gather(sizes, pair[1])
+  offset = tf.gather(_FIXED_OFFSETS, tf.random.stateless_uniform(
+      [], offset_seed, 0, len(_FIXED_OFFSETS), tf.int32))
+  left, top = offset[0] * ((width - crop_w) // 4), offset[1] * ((height - crop_h) // 4)
+  crop = image[top:top + crop_h, left:left + crop_w]
+  return tf.image.resize(crop, (size, size), method='bilinear', antialias=True)
+
+
+def short_side_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """Official video eval: shorter side bilinear to size, center crop size."""
+  del seed
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  scaled_h = tf.where(height <= width, size, size * height // width)
+  scaled_w = tf.where(height <= width, size * width // height, size)
+  image = tf.image.resize(image, (scaled_h, scaled_w), method='bilinear', antialias=True)
+  return center_crop(image, None, size)
+
+
+def center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """torchvision CenterCrop: crops, or zero-pads an image smaller than size."""
   del seed
   return tf.image.resize_with_crop_or_pad(image, size, size)
 
 
 OPS = {op.__name__: op for op in (random_resized_crop, flip, pad_crop, resize,
-                                  resize_center_crop, center_crop)}
+                                  resize_center_crop, center_crop, multi_scale_crop,
+                                  short_side_center_crop)}
 SIZING_OPS = ('random_resized_crop', 'pad_crop', 'resize', 'resize_center_crop',
-              'center_crop')
+              'center_crop', 'multi_scale_crop', 'short_side_center_crop')
 
 
-def parse(pp, field='data.train_pp'):
+def dense_frames(length: tf.Tensor, num_frames: int, stride: int, seed: tf.Tensor,
+                 train: bool) -> tf.Tensor:
+  """Kinetics/HMDB51: `num_frames` frames `stride` apart from a random start
+  (train) or the middle (eval)."""
+  max_start = tf.maximum(length - (num_frames - 1) * stride, 1)
+  start = (tf.random.stateless_uniform([], seed, 0, max_start, dtype=tf.int32)
+           if train else (max_start - 1) // 2)
+  return start + tf.range(num_frames) * stride
+
+
+def segment_frames(length: tf.Tensor, num_frames: int, stride: int, seed: tf.Tensor,
+                   train: bool) -> tf.Tensor:
+  """SSv2 (TSN): one frame from each of `num_frames` equal segments, at random
+  (train) or each segment's middle (eval); `stride` is unused."""
+  del stride
+  offset = (tf.random.stateless_uniform([num_frames], seed) if train
+            else tf.fill([num_frames], 0.5))
+  segment = tf.cast(length, tf.float32) / num_frames
+  return tf.cast((tf.range(num_frames, dtype=tf.float32) + offset) * segment, tf.int32)
+
+
+FRAME_SAMPLING = {'dense': dense_frames, 'segments': segment_frames}
+
+
+def parse(pp: str, field: str = 'data.train_pp') -> list[str]:
   """The op names of an op string, validated: each op known, at least one sizing op."""
   ops = tuple(op.strip() for op in str(pp).split('|') if op.strip())
   for op in ops:
@@ -120,28 +188,56 @@ def parse(pp, field='data.train_pp'):
   return ops
 
 
-def make(pp, *, image_size, normalize, field='data.train_pp'):
-  """`fn(image, seed) -> float32 (image_size, image_size, 3)`, normalised.
+def make(pp: str, *, image_size: int, normalize: str, field: str = 'data.train_pp',
+         num_frames: int | None = None, frame_sampling: str = 'dense', frame_stride: int = 1,
+         train: bool = True) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+  """`fn(image, seed) -> float32 (image_size, image_size, 3)`, normalised, or
+  with `num_frames`, `fn(video, seed) -> float32 (num_frames, size, size, 3)`.
 
   `image` is a decoded uint8 (H, W, C) tensor with any number of channels (1 is
-  tiled to RGB, alpha dropped); `seed` a stateless seed, shape (2,) int64.
+  tiled to RGB, alpha dropped), `video` a (T, H, W, C) one; `seed` a stateless
+  seed, shape (2,) int64. A video shorter than its sample repeats its last
+  frame, as the official loaders clamp frame indices. `train` picks random
+  (True) or central (False) frames.
   """
   ops = parse(pp, field)
   if normalize not in NORMALIZE:
     raise ConfigError(f'data.normalize: {normalize!r} is not one of '
                       f"{', '.join(map(repr, NORMALIZE))}.")
+  if frame_sampling not in FRAME_SAMPLING:
+    raise ConfigError(f'data.frame_sampling: {frame_sampling!r} is not one of '
+                      f"{', '.join(map(repr, FRAME_SAMPLING))}.")
   mean, std = NORMALIZE[normalize]
 
-  def fn(image, seed):
+  def rgb(image):
     image = tf.cond(tf.shape(image)[-1] < 3,
-                    lambda: tf.tile(image[..., :1], [1, 1, 3]),
+                    lambda: tf.repeat(image[..., :1], 3, axis=-1),
                     lambda: image[..., :3])
-    image.set_shape((None, None, 3))
-    image = tf.image.convert_image_dtype(image, tf.float32)
+    return tf.image.convert_image_dtype(image, tf.float32)
+
+  def transform(image, seed):
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, len(ops)))
     for op, op_seed in zip(ops, seeds):
       image = OPS[op](image, op_seed, image_size)
-    image = tf.ensure_shape(image, (image_size, image_size, 3))
+    return image
+
+  def image_fn(image, seed):
+    image = rgb(image)
+    image.set_shape((None, None, 3))
+    image = tf.ensure_shape(transform(image, seed), (image_size, image_size, 3))
     return (image - mean) / std
 
-  return fn
+  def video_fn(video, seed):
+    frames_seed, ops_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    length = tf.shape(video)[0]
+    index = FRAME_SAMPLING[frame_sampling](length, num_frames, frame_stride,
+                                           frames_seed, train)
+    clip = rgb(tf.gather(video, tf.minimum(index, length - 1)))
+    shape = tf.shape(clip)
+    stacked = tf.reshape(tf.transpose(clip, [1, 2, 0, 3]),
+                         [shape[1], shape[2], num_frames * 3])
+    clip = tf.transpose(tf.reshape(transform(stacked, ops_seed),
+                                   [image_size, image_size, num_frames, 3]), [2, 0, 1, 3])
+    return (clip - mean) / std
+
+  return image_fn if num_frames is None else video_fn

@@ -47,9 +47,12 @@ METHODS = {
 # Methods that cannot be combined: both own the 'prompts' parameter.
 EXCLUSIVE = (('vpt_shallow', 'vpt_deep'),)
 
-# Model fields an adapter export must share with the model it is swapped into.
-ARCHITECTURE_FIELDS = ('name', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_dim',
-                       'pool', 'head', 'tuning', 'num_classes')
+# Model fields that do not change what exported weights mean (compute dtype, memory
+# policy, train-time dropout, the init of fresh leaves, input size): an adapter
+# export may be swapped into a model with other values. Every other field -- the
+# architecture, the tuning method and its settings (adapter.scale/placement/
+# layernorm, lora.rank/alpha, vpt.num_tokens, ...), `trainable` -- must match.
+EXPORT_FREE_FIELDS = ('dtype', 'remat', 'adapter.dropout', 'head_init_std', 'image_size')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,15 @@ import jax.numpy as jnp
 
 # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 kaiming_uniform_a_sqrt5 = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+# timm's trunc_normal_(std=.02) cuts at +-2 absolute, i.e. 100 sigma: a plain normal.
+timm_trunc_normal_002 = nn.initializers.normal(0.02)
+# AdaptMLP kernel inits (down, up) by `init` option.
+ADAPTER_INITS = {
+    'lora': (kaiming_uniform_a_sqrt5, nn.initializers.zeros),
+    # The official video model re-initialises every Linear after building its
+    # blocks (`self.apply(self._init_weights)`), adapters included.
+    'trunc_normal': (timm_trunc_normal_002, timm_trunc_normal_002),
+}
 
 
 class AdaptMLP(nn.Module):
@@ -15,26 +24,29 @@ class AdaptMLP(nn.Module):
   Mirrors the official `Adapter` with init_option='lora': down is
   kaiming-uniform, up and both biases are zero, so at step 0 the branch
   outputs exactly zero and the adapted model equals the frozen one.
+  init='trunc_normal' reproduces the official video model instead, whose
+  up projection starts non-zero (ADAPTER_INITS).
   """
   bottleneck: int
   scale: float | str = 0.1   # a number, or 'learnable' (a scalar initialised to 1)
   layernorm: str = 'none'    # 'none' | 'in' | 'out'
   dropout: float = 0.1
   dtype: jnp.dtype = jnp.float32
+  init: str = 'lora'         # a key of ADAPTER_INITS
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     width = x.shape[-1]
     # The official adapter LayerNorm is torch's default (eps 1e-5), shared by 'in'/'out'.
     norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm') \
         if self.layernorm != 'none' else None
     if self.layernorm == 'in':
       x = norm(x)
+    down_init, up_init = ADAPTER_INITS[self.init]
     h = nn.Dense(self.bottleneck, dtype=self.dtype, name='down',
-                 kernel_init=kaiming_uniform_a_sqrt5)(x)
+                 kernel_init=down_init)(x)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(h))
-    h = nn.Dense(width, dtype=self.dtype, name='up',
-                 kernel_init=nn.initializers.zeros)(h)
+    h = nn.Dense(width, dtype=self.dtype, name='up', kernel_init=up_init)(h)
     if self.scale == 'learnable':
       h = h * self.param('scale', nn.initializers.ones, (1,)).astype(h.dtype)
     else:
@@ -52,13 +64,14 @@ class LoRA(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     a = self.param('a', kaiming_uniform_a_sqrt5, (x.shape[-1], self.rank))
     b = self.param('b', nn.initializers.zeros, (self.rank, self.features))
     return (x @ a.astype(self.dtype)) @ b.astype(self.dtype) * (self.alpha / self.rank)
 
 
-def prompt_init(key, shape, dtype=jnp.float32):
+def prompt_init(key: jax.Array, shape: tuple[int, int, int],
+                dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """torch xavier_uniform_ on each (1, tokens, width) prompt, as the official VPT."""
   _, tokens, width = shape
   bound = math.sqrt(6.0 / ((tokens + 1) * width))

@@ -22,7 +22,7 @@ PRESETS = {
     'vit_h14': (14, 1280, 32, 16, 5120),
     'vit_g14': (14, 1408, 40, 16, 6144),
     'vit_G14': (14, 1664, 48, 16, 8192),
-    # Public checkpoint families (FAMILY_OPTIONS below); same table, same shapes.
+    # Public checkpoint families (FAMILIES below); same table, same shapes.
     'vit_ti16_augreg': (16, 192, 12, 3, 768),
     'vit_s16_augreg': (16, 384, 12, 6, 1536),
     'vit_b16_augreg': (16, 768, 12, 12, 3072),
@@ -38,23 +38,39 @@ PRESETS = {
     'vit_b16_openclip': (16, 768, 12, 12, 3072),
     'vit_b16_siglip': (16, 768, 12, 12, 3072),
     'vit_l16_siglip': (16, 1024, 24, 16, 4096),
+    # VideoMAE (Tong et al. 2022): the same ViTs on 2x16x16 tubelets, see FAMILIES.
+    'videomae_s16': (16, 384, 12, 6, 1536),
+    'videomae_b16': (16, 768, 12, 12, 3072),
+    'videomae_l16': (16, 1024, 24, 16, 4096),
 }
 
-# What each family's checkpoints need beyond the MAE/AdaptFormer recipe (the defaults).
-_AUGREG = dict(gelu='tanh', posemb_resample='bilinear')  # big_vision / vit_jax: flax's GELU
-_DINOV2 = dict(layerscale=1e-5)
+# What each checkpoint family needs beyond the MAE/AdaptFormer recipe (the
+# defaults). A preset belongs to the family its name names (`family`).
 _CLIP = dict(ln_pre=True, norm_eps=1e-5)  # torch LayerNorm's eps
-_SIGLIP = dict(class_token=False, pool='map', gelu='tanh', posemb_resample='bilinear')
-FAMILY_OPTIONS = {
-    **{f'vit_{s}16_augreg': _AUGREG for s in ('ti', 's', 'b', 'l')},
-    **{f'vit_{s}14_dinov2': _DINOV2 for s in 'sbl'},
-    **{f'vit_{s}14_dinov2_reg4': dict(_DINOV2, num_registers=4) for s in 'sbl'},
-    'vit_b16_clip': dict(_CLIP, gelu='quick'),  # OpenAI CLIP trained with QuickGELU
-    'vit_l14_clip': dict(_CLIP, gelu='quick'),
-    'vit_b16_openclip': _CLIP,  # OpenCLIP's LAION models: exact GELU
-    'vit_b16_siglip': _SIGLIP,
-    'vit_l16_siglip': _SIGLIP,
+FAMILIES = {
+    'augreg': dict(gelu='tanh', posemb_resample='bilinear'),  # big_vision: flax's GELU
+    'dinov2': dict(layerscale=1e-5),
+    'dinov2_reg4': dict(layerscale=1e-5, num_registers=4),
+    'clip': dict(_CLIP, gelu='quick'),  # OpenAI CLIP trained with QuickGELU
+    'openclip': _CLIP,  # OpenCLIP's LAION models: exact GELU
+    'siglip': dict(class_token=False, pool='map', gelu='tanh', posemb_resample='bilinear'),
+    # What the VideoMAE presets change in the image ViT, as the official video
+    # AdaptFormer (models/vit_video.py) computes it: 3-D patches, a fixed sinusoidal
+    # table, no class token, mean pooling + fc_norm, q and v biases only, and
+    # adapters with the blocks' dropout (0.0) instead of the image code's 0.1.
+    'videomae': dict(patch_embed='tubelet', num_frames=16, tubelet=2, posemb='sincos',
+                     class_token=False, pool='gap', qkv_bias='qv',
+                     adapter=dict(dropout=0.0)),
 }
+
+
+def family(name: str) -> str | None:
+  """The FAMILIES entry of preset `name`: 'vit_b16_augreg' -> 'augreg',
+  'videomae_b16' -> 'videomae'; None for the plain ViTs ('vit_b16')."""
+  prefix, _, rest = name.partition('_')
+  found = rest.partition('_')[2] if prefix == 'vit' else prefix
+  return found if found in FAMILIES else None
+
 
 CHOICES = {
     # cls: final norm, class token; gap: mean of the patch tokens, then fc_norm (MAE);
@@ -62,21 +78,27 @@ CHOICES = {
     # map: final norm, then an attention-pooling head (big_vision MAPHead, SigLIP).
     'pool': ('cls', 'gap', 'gap_prenorm', 'map'),
     'gelu': ('exact', 'tanh', 'quick'),  # erf (torch); tanh approximation (flax); x*sigmoid(1.702x)
-    'qkv_bias': ('qkv', 'qv', 'none'),
     # How a checkpoint's position embedding is resized to the model's grid, as the
     # family's own loader does: bicubic, antialiased (timm); bilinear with aligned
     # corners, as scipy.ndimage.zoom(order=1) (big_vision).
     'posemb_resample': ('bilinear', 'bicubic'),
+    'patch_embed': ('2d', 'tubelet'),
+    'posemb': ('learned', 'sincos'),
+    'qkv_bias': ('qkv', 'qv', 'none'),
     'head': ('linear', 'bn_linear'),
     'adapter.layernorm': ('none', 'in', 'out'),
     'adapter.placement': ('parallel', 'sequential'),
+    'adapter.init': ('lora', 'trunc_normal'),
     'dtype': ('float32', 'bfloat16'),
+    'frozen_dtype': ('float32', 'bfloat16'),
+    'attention': ('auto', 'xla', 'cudnn'),
 }
 
 def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """A model ConfigDict for preset `name`, with top-level or nested overrides.
 
   Nested sections take dicts: `preset('vit_b16', adapter=dict(bottleneck=16))`.
+  Video presets (`videomae_*`) take clips (T, H, W, 3): see `input_shape`.
   """
   if name not in PRESETS:
     raise ConfigError(
@@ -87,25 +109,44 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       name=name, patch_size=patch, width=width, depth=depth, num_heads=heads,
       mlp_dim=mlp_dim, image_size=224, num_classes=1000, pool='cls',
       head='linear', head_init_std=0.01, tuning='adaptformer',
-      # Architecture options of other checkpoint families (FAMILY_OPTIONS, CHOICES).
-      gelu='exact', class_token=True, num_registers=0, ln_pre=False,
-      layerscale=ml_collections.FieldReference(None, field_type=float),  # None: off
-      qkv_bias='qkv', pre_logits=0,  # 0: none, else the width of a tanh dense layer
+      # Architecture options of other checkpoint families (FAMILIES, CHOICES).
+      gelu='exact', num_registers=0, ln_pre=False,
+      pre_logits=0,  # 0: none, else the width of a tanh dense layer
       norm_eps=1e-6, posemb_resample='bicubic',
+      # '2d' patches of images (B, H, W, 3), or 'tubelet': (tubelet, p, p)
+      # patches of clips (B, num_frames, H, W, 3).
+      patch_embed='2d', num_frames=1, tubelet=1,
+      posemb='learned',  # a parameter, or 'sincos': fixed, recomputed per token count
+      class_token=True,
+      qkv_bias='qkv',    # 'qkv' | 'qv' (VideoMAE/BEiT: no k bias) | 'none'
+      # LayerScale init value (CaiT), None = off.
+      layerscale=ml_collections.FieldReference(None, field_type=float),
       # Official AdaptFormer defaults: ffn_num=64, fixed scale 0.1, no LN,
-      # dropout 0.1, parallel to the MLP.
+      # dropout 0.1, parallel to the MLP; init 'lora' (up projection zero).
       adapter=dict(bottleneck=64, scale=0.1, layernorm='none', dropout=0.1,
-                   placement='parallel'),
+                   placement='parallel', init='lora'),
       vpt=dict(num_tokens=1),  # official --vpt_num default
       lora=dict(rank=8, alpha=8.0),
       # Regexes over parameter paths that train; empty = the tuning method's.
       trainable=(),
-      dtype='float32',  # compute dtype; parameters stay float32
+      dtype='float32',  # compute dtype; trainable parameters stay float32
+      # Storage dtype of the frozen parameters: 'bfloat16' halves the backbone's
+      # memory; trainable leaves and their optimizer state stay float32.
+      frozen_dtype='float32',
+      # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (fused, NVIDIA
+      # GPUs, bf16) or 'auto' (cuDNN where it applies, XLA elsewhere).
+      attention='auto',
       # 'none' | 'block' | 'dots' or False | True, see vit.REMAT; untyped, so both
       # `--config.model.remat=dots` and `=True` parse.
       remat=ml_collections.FieldReference(False, field_type=object),
   ))
-  cfg.update(FAMILY_OPTIONS.get(name, {}))
+  _override(cfg, FAMILIES.get(family(name), {}))
+  _override(cfg, overrides)
+  validate(cfg)
+  return cfg
+
+
+def _override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
   for key, value in overrides.items():
     if key not in cfg:
       raise ConfigError(
@@ -119,8 +160,6 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
         _assign(cfg[key], sub, sub_value)
     else:
       _assign(cfg, key, value)
-  validate(cfg)
-  return cfg
 
 
 def _assign(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -159,6 +198,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f'model.image_size: {cfg.image_size} is not a positive multiple of the '
         f'patch size {cfg.patch_size}; use e.g. '
         f'{max(1, round(cfg.image_size / cfg.patch_size)) * cfg.patch_size}.')
+  if cfg.num_frames <= 0 or cfg.tubelet <= 0 or cfg.num_frames % cfg.tubelet:
+    raise ConfigError(
+        f'model.num_frames: {cfg.num_frames} is not a positive multiple of '
+        f'model.tubelet {cfg.tubelet}.')
+  if cfg.patch_embed == '2d' and (cfg.num_frames, cfg.tubelet) != (1, 1):
+    raise ConfigError("model.num_frames/tubelet: only a 'tubelet' patch embedding "
+                      "takes clips; set model.patch_embed='tubelet' or both to 1.")
   if cfg.width % cfg.num_heads:
     raise ConfigError(f'model.num_heads: {cfg.num_heads} does not divide '
                       f'model.width {cfg.width}.')
@@ -179,6 +225,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.lora.rank <= 0:
     raise ConfigError(f'model.lora.rank: must be > 0, got {cfg.lora.rank}.')
   methods.parse(cfg.tuning)
+
+
+def input_shape(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """One example's shape: (H, W, 3) for images, (T, H, W, 3) for video clips."""
+  image = (model_cfg.image_size, model_cfg.image_size, 3)
+  return image if model_cfg.patch_embed == '2d' else (model_cfg.num_frames, *image)
+
+
+def token_grid(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The patch grid: (h, w) for images, (t, h, w) for video clips."""
+  side = model_cfg.image_size // model_cfg.patch_size
+  return (side, side) if model_cfg.patch_embed == '2d' else (
+      model_cfg.num_frames // model_cfg.tubelet, side, side)
 
 
 def build(model_cfg: ml_collections.ConfigDict) -> vit.VisionTransformer:

@@ -12,7 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.models import methods
 from adaptformer_jax.models import peft_layers
 
@@ -38,21 +40,47 @@ REMAT_POLICIES = {
 }
 
 
+def attention_implementation(choice: str, dtype, head_dim: int, device=None) -> str:
+  """model.attention -> jax.nn.dot_product_attention's implementation ('xla' | 'cudnn').
+
+  'auto' takes cuDNN's fused (flash) kernel where it applies -- an NVIDIA GPU,
+  bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128 -- and XLA's
+  unfused attention everywhere else (CPU, TPU, f32).
+  """
+  device = device or jax.devices()[0]
+  usable = (device.platform == 'gpu' and 'nvidia' in device.device_kind.lower()
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
+  if choice == 'cudnn' and not usable:
+    raise ConfigError(
+        f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype='bfloat16' and a "
+        f'head dim that is a multiple of 8 up to 128 (here: {device.device_kind}, '
+        f"{jnp.dtype(dtype).name}, {head_dim}); use 'auto' or 'xla'.")
+  return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable) else 'xla'
+
+
 def layer_norm(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype | None,
                name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name=name)
 
 
-def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-  """Softmax attention of (B, Nq, D) queries over (B, Nk, D) keys/values, per head."""
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                         cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype) -> jax.Array:
+  """Softmax attention of (B, Nq, D) queries over (B, Nk, D) keys/values, per head,
+  with model.attention's implementation."""
+  heads = cfg.num_heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
-  return jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(q.shape)
+  implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads)
+  return jax.nn.dot_product_attention(split(q), split(k), split(v),
+                                      implementation=implementation).reshape(q.shape)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with fused qkv and optional LoRA on q, v.
 
-  model.qkv_bias: 'qkv' biases all three, 'none' none, 'qv' only q and v (BEiT).
+  `qkv_bias`: 'qkv' one fused bias; 'qv' separate q and v biases and no k bias
+  (VideoMAE/BEiT: a k bias cancels in the softmax, so they never learn one);
+  'none' no bias.
   """
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
@@ -61,8 +89,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=dense_init,
-                   use_bias=self.cfg.qkv_bias == 'qkv', name='qkv')(x)
+    qkv = nn.Dense(3 * d, use_bias=self.cfg.qkv_bias == 'qkv', dtype=self.dtype,
+                   kernel_init=dense_init, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     if self.cfg.qkv_bias == 'qv':
       q = q + self.param('q_bias', nn.initializers.zeros, (d,)).astype(q.dtype)
@@ -73,7 +101,7 @@ class Attention(nn.Module):
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
     return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(
-        multi_head_attention(q, k, v, self.cfg.num_heads))
+        multi_head_attention(q, k, v, self.cfg, self.dtype))
 
 
 class Mlp(nn.Module):
@@ -103,24 +131,28 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    cfg = self.cfg
-    scaled = lambda h, name: h if cfg.layerscale is None else h * self.param(
-        name, nn.initializers.constant(cfg.layerscale), (h.shape[-1],)).astype(h.dtype)
-    x = x + scaled(Attention(cfg, self.dtype, self.lora, name='attn')(
-        layer_norm(cfg, self.dtype, 'norm1')(x)), 'ls1')
+    x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.lora, name='attn')(
+        layer_norm(self.cfg, self.dtype, 'norm1')(x)))
     adapter = None
     if self.adapter:
       a = self.cfg.adapter
       adapter = peft_layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
-                                     self.dtype, name='adapter')
+                                     self.dtype, a.init, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
-    h = scaled(Mlp(cfg, self.dtype, name='mlp')(
-        layer_norm(cfg, self.dtype, 'norm2')(x)), 'ls2')
+    h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, name='mlp')(
+        layer_norm(self.cfg, self.dtype, 'norm2')(x)))
     if adapter is not None:
       h = h + (adapted if self.cfg.adapter.placement == 'parallel'
                else adapter(h, train))
     return x + h
+
+  def layerscale(self, name: str, h: jax.Array) -> jax.Array:
+    """CaiT's LayerScale: a learned per-channel gain on a residual branch (model.layerscale = its init)."""
+    if self.cfg.layerscale is None:
+      return h
+    gamma = self.param(name, nn.initializers.constant(self.cfg.layerscale), (h.shape[-1],))
+    return h * gamma.astype(h.dtype)
 
 
 class MapHead(nn.Module):
@@ -137,7 +169,7 @@ class MapHead(nn.Module):
         jnp.broadcast_to(probe, (b, 1, d)).astype(x.dtype))
     k, v = jnp.split(nn.Dense(2 * d, dtype=self.dtype, kernel_init=dense_init,
                               name='kv')(x), 2, axis=-1)
-    y = multi_head_attention(q, k, v, self.cfg.num_heads)
+    y = multi_head_attention(q, k, v, self.cfg, self.dtype)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(y)
     y = y + Mlp(self.cfg, self.dtype, name='mlp')(layer_norm(self.cfg, self.dtype, 'norm')(y))
     return y[:, 0]
@@ -158,8 +190,22 @@ class Head(nn.Module):
                     )(x)
 
 
+def sinusoid_table(num_tokens: int, width: int) -> np.ndarray:
+  """The fixed 1-D sin/cos table of "Attention is all you need", as VideoMAE's
+  `get_sinusoid_encoding_table`: (1, num_tokens, width) float32.
+
+  It is a function of the token count, not a parameter, so a checkpoint never
+  holds it and any clip length or frame size gets its own table.
+  """
+  position = np.arange(num_tokens, dtype=np.float64)[:, None]
+  angle = position / np.power(10000, 2 * (np.arange(width) // 2) / width)
+  angle[:, 0::2], angle[:, 1::2] = np.sin(angle[:, 0::2]), np.cos(angle[:, 1::2])
+  return angle[None].astype(np.float32)
+
+
 class VisionTransformer(nn.Module):
-  """ViT classifier; `cfg` is a model ConfigDict from `presets.preset`.
+  """ViT classifier for images (B, H, W, 3) or, with a tubelet patch embedding,
+  videos (B, T, H, W, 3); `cfg` is a model ConfigDict from `presets.preset`.
 
   The tuning method is parsed here, once; the blocks get plain booleans. Token
   order: [VPT prompts] [class token] [registers] patches; the position embedding
@@ -173,16 +219,21 @@ class VisionTransformer(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     tuning = methods.parse(cfg.tuning)
     p = cfg.patch_size
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
+    # A video tubelet is a 3-D patch: kernel = stride = (tubelet, p, p).
+    patch = (p, p) if cfg.patch_embed == '2d' else (cfg.tubelet, p, p)
+    x = nn.Conv(cfg.width, patch, strides=patch, padding='VALID', dtype=dtype,
                 kernel_init=dense_init, name='embedding')(images)
     b = x.shape[0]
-    x = x.reshape(b, -1, cfg.width)
+    x = x.reshape(b, -1, cfg.width)  # (t,) h, w order, as torch's flatten(2)
     tokens = lambda t: jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(x.dtype)
     if cfg.class_token:
       cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, cfg.width))
       x = jnp.concatenate([tokens(cls), x], 1)
-    pos = self.param('pos_embedding', nn.initializers.normal(0.02),
-                     (1, x.shape[1], cfg.width))
+    if cfg.posemb == 'learned':
+      pos = self.param('pos_embedding', nn.initializers.normal(0.02),
+                       (1, x.shape[1], cfg.width))
+    else:
+      pos = sinusoid_table(x.shape[1], cfg.width)
     x = x + pos.astype(x.dtype)
     if cfg.num_registers:  # DINOv2: no position embedding on registers
       registers = self.param('registers', nn.initializers.normal(1e-6),

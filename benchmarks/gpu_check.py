@@ -1,0 +1,571 @@
+"""One command for the first GPU that comes: step time, MFU, memory, PyTorch, max batch, input rate.
+
+Made to run inside a few lent minutes (about 8 on one H100, compiles included),
+and to keep what it measured when it is cut off. Three parts run one after the
+other, each in its own process with a share of --budget_s:
+
+  jax      ViT-B/16 at 224 px, adaptformer and full, bf16 compute (f32 params) and
+           f32 (TF32 matmuls, JAX's GPU default), at each of the table's batches:
+           ms/step, img/s, MFU, peak device memory; the adaptformer bf16 step
+           with model.attention='xla' (vs 'auto' = cuDNN) and model.frozen_dtype=
+           'bfloat16'; the largest power-of-two batch that fits for ViT-B/16,
+           ViT-L/16 and ViT-H/14 adaptformer (bf16).
+  torch    the same ViT-B/16 steps in PyTorch (CUDA, SDPA, bf16 autocast), and
+           torch.compile of the headline step when it compiles within 2
+           minutes (skipped with a note when torch is missing).
+  pipeline JPEG decode + RandomResizedCrop + flip to 224 px on one CPU core:
+           images/s per core (PIL; also the project's tf.data ops if TensorFlow
+           is installed), so a reader can see how many cores keep the GPU fed.
+
+Nothing here needs TensorFlow, tfds or timm; without PyTorch the torch part
+leaves a note.
+
+MFU = FLOPs / step time / the device's dense bf16 peak (machine.PEAK_BF16_FLOPS).
+FLOPs come from XLA's cost analysis of the lowered step with attention='xla'
+(cuDNN's fused attention is a custom call that the analysis cannot count); the
+PyTorch rows use the FLOPs of the matching JAX row. Peak memory is
+`device.memory_stats()['peak_bytes_in_use']` (a high-water mark, so rows run in
+ascending order of their compiled peak; the compiled figure is shown too) and
+`torch.cuda.max_memory_allocated()` (reset per row). Max batch: the compiled
+peaks at two batches give memory = a + b * batch; the largest power of two under
+95% of the device's limit is compiled and run to confirm it (halved if not).
+
+Each result is appended to OUT/rows.jsonl as it is measured; OUT/gpu_check.json
+and OUT/gpu_check.md are written at the end (also after a part timed out).
+
+  python benchmarks/gpu_check.py --out DIR [--budget_s 450]
+  python benchmarks/gpu_check.py --cpu_smoke --out DIR   # every code path, tiny model, CPU
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from adaptformer_jax import models  # noqa: E402
+from adaptformer_jax.models import vit  # noqa: E402
+import machine  # noqa: E402
+import steps  # noqa: E402
+
+GIB = 2**30
+ROWS_FILE = 'rows.jsonl'
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What to measure: the real check, or its tiny twin for the test suite."""
+  model: dict          # preset + overrides of the main table's model
+  batches: tuple       # the main table's batches
+  dtypes: tuple        # the main table's compute dtypes
+  big: tuple           # (label, preset + overrides) whose max batch is searched
+  probe_batches: tuple  # two batches whose compiled peaks give the memory line
+  max_batch_cap: int
+  memory_limit: int | None  # bytes; None = the device's own limit
+  sample_s: float      # seconds per timing sample (3 samples per row)
+  pipeline_images: int
+  crop: int
+  torch_compile_backend: str
+  torch_compile_s: float  # torch.compile is timed only when it compiles within this
+  shares: dict         # fraction of the budget per part
+
+
+TINY = dict(preset='vit_ti16', width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+            image_size=32, adapter=dict(bottleneck=8))
+FULL = Plan(model=dict(preset='vit_b16'), batches=(64, 128), dtypes=('bfloat16', 'float32'),
+            big=(('ViT-B/16', dict(preset='vit_b16')), ('ViT-L/16', dict(preset='vit_l16')),
+                 ('ViT-H/14', dict(preset='vit_h14'))),
+            probe_batches=(32, 64), max_batch_cap=8192, memory_limit=None, sample_s=1.0,
+            pipeline_images=300, crop=224, torch_compile_backend='inductor',
+            torch_compile_s=120,
+            shares=dict(jax=0.55, torch=0.38, pipeline=0.07))
+# One of each kind of row; torch.compile without inductor's C++ build (minutes on 2 cores).
+SMOKE = Plan(model=TINY, batches=(2,), dtypes=('bfloat16',), big=(('tiny', TINY),),
+             probe_batches=(2, 4), max_batch_cap=32, memory_limit=16 * 2**20, sample_s=0.02,
+             pipeline_images=6, crop=32, torch_compile_backend='eager',
+             torch_compile_s=float('inf'),  # the budget decides on a loaded test host
+             shares=dict(jax=0.6, torch=0.3, pipeline=0.1))
+
+
+def emit(out, row):
+  """Appends one result to OUT/rows.jsonl at once (survives a later timeout) and prints it."""
+  row = {'at': round(time.time(), 1), **row}
+  with open(os.path.join(out, ROWS_FILE), 'a') as f:
+    f.write(json.dumps(row) + '\n')
+  print(json.dumps(row), flush=True)
+
+
+def error_text(e):
+  return f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+
+
+def timed(step, sample_s, samples=3):
+  """Median seconds per call of `step()` (which waits for its result), after a warm-up."""
+  step()
+  start = time.perf_counter()
+  step()
+  n = max(1, math.ceil(sample_s / max(time.perf_counter() - start, 1e-6)))
+  times = []
+  for _ in range(samples):
+    start = time.perf_counter()
+    for _ in range(n):
+      step()
+    times.append((time.perf_counter() - start) / n)
+  return statistics.median(times)
+
+
+def table_rows(plan):
+  """The main table: (tuning, dtype, batch, extra model overrides)."""
+  rows = [dict(tuning=t, dtype=d, batch=b) for d in plan.dtypes
+          for t in ('adaptformer', 'full') for b in plan.batches]
+  top = max(plan.batches)
+  rows += [dict(tuning='adaptformer', dtype='bfloat16', batch=top, attention='xla'),
+           dict(tuning='adaptformer', dtype='bfloat16', batch=top, frozen_dtype='bfloat16')]
+  return rows
+
+
+def model_cfg(plan_model, row):
+  overrides = {k: v for k, v in {**plan_model, **row}.items() if k not in ('preset', 'batch')}
+  return steps.model_config(plan_model['preset'], **overrides)
+
+
+# --------------------------------------------------------------------------- jax
+
+
+def jax_part(plan, out, deadline):
+  device = jax.devices()[0]
+  if device.platform == 'gpu':
+    jax.config.update('jax_compilation_cache_dir', '/tmp/gpu_check_jax_cache')
+  stats = device.memory_stats() or {}
+  limit = plan.memory_limit or stats.get('bytes_limit')
+  peak = machine.peak_flops(device)
+  import flax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  emit(out, dict(kind='device', part='jax', device_kind=device.device_kind,
+                 platform=device.platform, jax=jax.__version__, flax=flax.__version__,
+                 optax=optax.__version__, bytes_limit=limit,
+                 peak_bf16_flops=peak, matmul_precision=str(jax.config.jax_default_matmul_precision),
+                 host=machine.describe()))
+  rows = table_rows(plan)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # XLA compiles in parallel threads
+    programs = list(pool.map(lambda r: prepare(plan.model, r), rows))
+  programs.sort(key=lambda p: p.get('compiled_bytes') or 0)
+  peaks = {}
+  for p in programs:
+    if 'error' not in p and time.time() > deadline:
+      p['error'] = 'skipped: out of budget'
+    if 'error' not in p:
+      p.update(run_jax(p.pop('program'), plan.sample_s))
+    if p['row'].keys() == {'tuning', 'dtype', 'batch'} and 'compiled_bytes' in p:
+      peaks[p['row']['tuning'], p['row']['dtype'], p['row']['batch']] = p['compiled_bytes']
+    p.pop('program', None)
+    emit(out, dict(kind='step', framework='jax', model=plan.model['preset'], **p))
+  attention_check(plan, out)
+  for label, model in plan.big:
+    if time.time() > deadline:
+      emit(out, dict(kind='max_batch', model=label, error='skipped: out of budget'))
+      continue
+    probes = {b: peaks[key] for b in plan.probe_batches
+              if model == plan.model and (key := ('adaptformer', 'bfloat16', b)) in peaks}
+    emit(out, dict(kind='max_batch', model=label, **max_batch(
+        plan, model, limit, probes, deadline)))
+
+
+def compile_step(plan_model, row):
+  """(trainer, lowered, compiled) step of one row, for abstract state (nothing allocated).
+
+  Where attention 'auto' picked cuDNN and cuDNN fails, the row falls back to XLA's
+  attention (its `attention` then reads 'xla') rather than losing every bf16 row.
+  """
+  trainer = steps.make_trainer(model_cfg(plan_model, row), row['batch'])
+  lowered = steps.lower_step(trainer, row['batch'])
+  try:
+    return trainer, lowered, lowered.compile()
+  except Exception as e:  # noqa: BLE001
+    if 'attention' in row or attention_used(trainer.run.config.model) != 'cudnn':
+      raise
+    print(f'cuDNN attention failed for {row}, using XLA attention: {error_text(e)}', flush=True)
+    return compile_step(plan_model, {**row, 'attention': 'xla'})
+
+
+def attention_used(cfg):
+  return vit.attention_implementation(cfg.attention, cfg.dtype, cfg.width // cfg.num_heads)
+
+
+def model_flops(plan_model, row, trainer, lowered):
+  """FLOPs per step from XLA's cost analysis of the lowered step with attention='xla'
+  (cuDNN's fused attention is a custom call that carries no FLOP count)."""
+  if attention_used(trainer.run.config.model) != 'xla':
+    trainer = steps.make_trainer(model_cfg(plan_model, {**row, 'attention': 'xla'}),
+                                 row['batch'])
+    lowered = steps.lower_step(trainer, row['batch'])
+  return lowered.cost_analysis()['flops']
+
+
+def prepare(plan_model, row):
+  """Compiles one table row: {'row', 'program', 'flops', 'compiled_bytes', 'compile_s'}."""
+  result = {'row': row}
+  try:
+    start = time.perf_counter()
+    trainer, lowered, compiled = compile_step(plan_model, row)
+    result.update(attention=attention_used(trainer.run.config.model),
+                  flops=model_flops(plan_model, row, trainer, lowered),
+                  compiled_bytes=steps.compiled_peak_bytes(compiled),
+                  compile_s=round(time.perf_counter() - start, 1),
+                  program=(trainer, compiled))
+  except Exception as e:  # noqa: BLE001  one failed row must not end the check
+    result['error'] = error_text(e)
+  return result
+
+
+def run_jax(program, sample_s):
+  """Times a compiled step on fresh state: {'ms', 'img_s', 'peak_bytes'} or {'error'}."""
+  trainer, compiled = program
+  batch = trainer.run.config.batch_size
+  try:
+    state, data = trainer.initial_state(), steps.device_batch(trainer, batch)
+
+    def step():
+      nonlocal state
+      state, metrics = compiled(state, data)
+      jax.block_until_ready(metrics['loss'])
+
+    seconds = timed(step, sample_s)
+    stats = jax.devices()[0].memory_stats() or {}
+    del state
+  except Exception as e:  # noqa: BLE001  e.g. RESOURCE_EXHAUSTED
+    return {'error': error_text(e)}
+  return {'ms': round(seconds * 1e3, 2), 'img_s': round(batch / seconds, 1),
+          'peak_bytes': stats.get('peak_bytes_in_use')}
+
+
+def attention_check(plan, out):
+  """Logits of model.attention 'auto' vs 'xla' on one small bf16 batch (max |diff|)."""
+  try:
+    cfgs = {a: model_cfg(plan.model, dict(dtype='bfloat16', attention=a)) for a in ('auto', 'xla')}
+    size = cfgs['xla'].image_size
+    images = jax.random.normal(jax.random.key(0), (8, size, size, 3))
+    built = {a: models.build(c) for a, c in cfgs.items()}
+    variables = jax.jit(built['xla'].init)(jax.random.key(1), images)
+    logits = {a: np.asarray(jax.jit(m.apply)(variables, images)) for a, m in built.items()}
+    auto = vit.attention_implementation('auto', 'bfloat16', cfgs['xla'].width // cfgs['xla'].num_heads)
+    emit(out, dict(kind='attention_check', auto_is=auto,
+                   max_abs_diff=float(np.abs(logits['auto'] - logits['xla']).max()),
+                   max_abs_logit=float(np.abs(logits['xla']).max())))
+  except Exception as e:  # noqa: BLE001
+    emit(out, dict(kind='attention_check', error=error_text(e)))
+
+
+def max_batch(plan, model, limit, probes, deadline):
+  """The largest power-of-two adaptformer bf16 batch whose step fits `limit` bytes, run once."""
+  if not limit:
+    return {'error': 'the device reports no memory limit'}
+  row = dict(tuning='adaptformer', dtype='bfloat16')
+
+  def compile_at(batch):
+    trainer, lowered, compiled = compile_step(model, {**row, 'batch': batch})
+    return trainer, lowered, compiled, steps.compiled_peak_bytes(compiled)
+
+  try:
+    for b in plan.probe_batches:
+      if b not in probes:
+        probes[b] = compile_at(b)[3]
+    (b1, m1), (b2, m2) = sorted(probes.items())[:2]
+    per_image = (m2 - m1) / (b2 - b1)
+    fixed = m1 - per_image * b1
+    predicted = (0.95 * limit - fixed) / per_image
+    batch = 2 ** int(math.log2(predicted)) if predicted >= 1 else 0
+    batch = min(batch, plan.max_batch_cap)
+    result = {'fixed_gib': round(fixed / GIB, 3), 'per_image_mib': round(per_image / 2**20, 3),
+              'predicted': int(predicted)}
+    while batch >= 1 and time.time() < deadline:
+      trainer, lowered, compiled, compiled_bytes = compile_at(batch)
+      if compiled_bytes <= limit:
+        timing = run_jax((trainer, compiled), plan.sample_s)
+        if 'error' not in timing:
+          return {**result, 'batch': batch, 'compiled_bytes': compiled_bytes, **timing,
+                  'flops': model_flops(model, {**row, 'batch': batch}, trainer, lowered)}
+      batch //= 2
+    return {**result, 'error': 'no power-of-two batch fits' if batch < 1 else
+            'skipped: out of budget'}
+  except Exception as e:  # noqa: BLE001
+    return {'error': error_text(e)}
+
+
+# ------------------------------------------------------------------------- torch
+
+
+def torch_part(plan, out, deadline):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    emit(out, dict(kind='note', text='PyTorch is not installed: no PyTorch rows.'))
+    return
+  cuda = torch.cuda.is_available()
+  device = 'cuda' if cuda else 'cpu'
+  emit(out, dict(kind='device', part='torch', torch=torch.__version__, device=device,
+                 device_kind=torch.cuda.get_device_name() if cuda else 'cpu'))
+  for row in table_rows(plan)[:2 * len(plan.dtypes) * len(plan.batches)]:
+    if time.time() > deadline:
+      emit(out, dict(kind='step', framework='torch eager', row=row, error='skipped: out of budget'))
+      continue
+    emit(out, dict(kind='step', framework='torch eager', model=plan.model['preset'], row=row,
+                   **run_torch(torch, model_cfg(plan.model, row), row['batch'], device,
+                               plan.sample_s)))
+  headline = dict(tuning='adaptformer', dtype='bfloat16', batch=max(plan.batches))
+  remaining = deadline - time.time()
+  if remaining < 30:
+    emit(out, dict(kind='step', framework='torch compiled', row=headline,
+                   error='skipped: out of budget'))
+    return
+  args = [sys.executable, __file__, '--part=torch_compile', f'--out={out}',
+          f'--row={json.dumps(headline)}'] + (['--cpu_smoke'] if plan is SMOKE else [])
+  limit = min(remaining, plan.torch_compile_s + 30)  # the compile, then a few timed steps
+  try:
+    subprocess.run(args, timeout=limit, check=False)
+  except subprocess.TimeoutExpired:
+    emit(out, dict(kind='step', framework='torch compiled', row=headline,
+                   error=f'torch.compile did not compile and time within {limit:.0f} s'))
+
+
+def torch_compile_part(plan, out, row):
+  import torch  # pylint: disable=g-import-not-at-top
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  emit(out, dict(kind='step', framework='torch compiled', model=plan.model['preset'], row=row,
+                 **run_torch(torch, model_cfg(plan.model, row), row['batch'], device,
+                             plan.sample_s, compile_backend=plan.torch_compile_backend)))
+
+
+def run_torch(torch, cfg, batch, device, sample_s, compile_backend=None):
+  try:
+    if device == 'cuda':
+      torch.cuda.empty_cache()
+      torch.cuda.reset_peak_memory_stats()
+    step = steps.torch_step(cfg, batch, device, compile_backend=compile_backend)
+    start = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - start
+    seconds = timed(step, sample_s)
+    peak_bytes = torch.cuda.max_memory_allocated() if device == 'cuda' else None
+    del step
+  except Exception as e:  # noqa: BLE001  e.g. CUDA out of memory, a failed compile
+    return {'error': error_text(e)}
+  return {'ms': round(seconds * 1e3, 2), 'img_s': round(batch / seconds, 1),
+          'peak_bytes': peak_bytes, 'first_step_s': round(first_s, 1)}
+
+
+# ---------------------------------------------------------------------- pipeline
+
+
+def synthetic_jpegs(n, width=500, height=375, seed=0):
+  """Photo-like JPEGs (smooth colour fields plus grain) of ImageNet's typical size."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  jpegs = []
+  for _ in range(n):
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC), np.int16)
+    grain = rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(buf, 'JPEG',
+                                                                           quality=90)
+    jpegs.append(buf.getvalue())
+  return jpegs
+
+
+def pipeline_part(plan, out, deadline):
+  del deadline
+  jpegs = synthetic_jpegs(plan.pipeline_images)
+  kib = sum(map(len, jpegs)) / len(jpegs) / 1024
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    size = plan.crop
+    try:
+      from torchvision import transforms  # pylint: disable=g-import-not-at-top
+      crop = transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC)
+      flip = transforms.RandomHorizontalFlip()
+      augment, impl = lambda img: flip(crop(img)), 'PIL decode + torchvision RandomResizedCrop'
+    except ImportError:
+      def augment(img):
+        # RandomResizedCrop's window (scale 0.08-1, ratio 3/4-4/3), clipped: for timing only.
+        area = img.width * img.height * rng.uniform(0.08, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = min(img.width, round(math.sqrt(area * ratio)))
+        h = min(img.height, round(math.sqrt(area / ratio)))
+        x, y = rng.integers(0, img.width - w + 1), rng.integers(0, img.height - h + 1)
+        img = img.resize((size, size), Image.BICUBIC, box=(x, y, x + w, y + h))
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+      impl = 'PIL decode + PIL bicubic crop-resize (RandomResizedCrop window)'
+
+    def one(jpeg):
+      return np.asarray(augment(Image.open(io.BytesIO(jpeg)).convert('RGB')))
+
+    one(jpegs[0])
+    start = time.perf_counter()
+    for jpeg in jpegs:
+      one(jpeg)
+    emit(out, dict(kind='pipeline', impl=impl + f' + flip to {size} px, 1 thread',
+                   img_s_per_core=round(len(jpegs) / (time.perf_counter() - start), 1),
+                   jpeg_kib=round(kib, 1)))
+  except Exception as e:  # noqa: BLE001
+    emit(out, dict(kind='pipeline', impl='PIL', error=error_text(e)))
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    emit(out, dict(kind='note', text='TensorFlow is not installed: the tf.data ops were not '
+                                     'timed (PIL figure only).'))
+    return
+  from adaptformer_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  pp = preprocess.make('random_resized_crop|flip', image_size=plan.crop, normalize='imagenet')
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  ds = tf.data.Dataset.from_tensor_slices(jpegs).enumerate().map(
+      lambda i, jpeg: pp(tf.io.decode_jpeg(jpeg, channels=3), tf.stack([i, i])),
+  ).with_options(options)
+  for _ in ds.take(1):
+    pass
+  start = time.perf_counter()
+  count = sum(1 for _ in ds)
+  emit(out, dict(kind='pipeline', impl=f'tf.data: tf.io.decode_jpeg + this project\'s '
+                                       f'random_resized_crop|flip to {plan.crop} px, 1 thread',
+                 img_s_per_core=round(count / (time.perf_counter() - start), 1),
+                 jpeg_kib=round(kib, 1)))
+
+
+# ------------------------------------------------------------------------ report
+
+
+def read_rows(out):
+  path = os.path.join(out, ROWS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def markdown(rows):
+  """The tables of gpu_check.md from the collected rows."""
+  devices = [r for r in rows if r['kind'] == 'device']
+  jax_device = next((r for r in devices if r['part'] == 'jax'), {})
+  peak = jax_device.get('peak_bf16_flops')
+  lines = ['# gpu_check', '']
+  for d in devices:
+    lines.append('- ' + ', '.join(f'{k}: {v}' for k, v in d.items() if k not in ('kind', 'at')))
+  lines += ['', '| framework | tuning | dtype | batch | variant | ms/step | img/s | MFU | '
+            'peak GiB | compiled GiB |', '|---|---|---|---|---|---|---|---|---|---|']
+  flops = {}
+  for r in rows:
+    if r['kind'] == 'step' and r['framework'] == 'jax' and 'flops' in r:
+      flops[tuple(sorted(r['row'].items()))] = r['flops']
+  gib = lambda b: f'{b / GIB:.2f}' if b else ''
+  for r in rows:
+    if r['kind'] != 'step':
+      continue
+    row = dict(r['row'])
+    variant = ', '.join(f'{k}={row.pop(k)}' for k in list(row) if k not in
+                        ('tuning', 'dtype', 'batch'))
+    if r['framework'] == 'jax' and r.get('attention'):
+      variant = variant or f"attention=auto ({r['attention']})"
+    f = flops.get(tuple(sorted(r['row'].items())))
+    mfu = f'{f / (r["ms"] / 1e3) / peak:.1%}' if f and peak and 'ms' in r else ''
+    lines.append(f"| {r['framework']} | {row['tuning']} | {row['dtype']} | {row['batch']} | "
+                 f"{variant} | {r.get('ms', r.get('error', ''))} | {r.get('img_s', '')} | "
+                 f"{mfu} | {gib(r.get('peak_bytes'))} | {gib(r.get('compiled_bytes'))} |")
+  lines += ['', '| max batch (adaptformer, bf16) | batch | ms/step | img/s | MFU | peak GiB | '
+            'compiled GiB | memory line |', '|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    if r['kind'] == 'max_batch':
+      mfu = (f'{r["flops"] / (r["ms"] / 1e3) / peak:.1%}'
+             if r.get('flops') and peak and 'ms' in r else '')
+      line = (f"{r['fixed_gib']} GiB + {r['per_image_mib']} MiB/image" if 'fixed_gib' in r
+              else '')
+      lines.append(f"| {r['model']} | {r.get('batch', r.get('error', ''))} | {r.get('ms', '')} "
+                   f"| {r.get('img_s', '')} | {mfu} | {gib(r.get('peak_bytes'))} | "
+                   f"{gib(r.get('compiled_bytes'))} | {line} |")
+  best = max((r['img_s'] for r in rows if r['kind'] == 'step' and r['framework'] == 'jax'
+              and 'img_s' in r), default=None)
+  lines += ['', '| input pipeline | img/s per core | cores to feed the best JAX row |',
+            '|---|---|---|']
+  for r in rows:
+    if r['kind'] == 'pipeline' and 'img_s_per_core' in r:
+      cores = f"{best / r['img_s_per_core']:.1f}" if best else ''
+      lines.append(f"| {r['impl']} | {r['img_s_per_core']} | {cores} |")
+  lines.append('')
+  for r in rows:
+    if r['kind'] == 'attention_check':
+      lines.append(f"- attention 'auto' ({r.get('auto_is')}) vs 'xla', bf16 logits: max |diff| "
+                   f"{r.get('max_abs_diff')} of max |logit| {r.get('max_abs_logit')}"
+                   + (f" -- {r['error']}" if 'error' in r else ''))
+    if r['kind'] == 'note':
+      lines.append(f"- {r['text']}")
+  return '\n'.join(lines) + '\n'
+
+
+def drive(plan, out, budget_s, smoke):
+  """Runs the parts in their own processes within the budget and writes the report."""
+  os.makedirs(out, exist_ok=True)
+  rows_path = os.path.join(out, ROWS_FILE)
+  if os.path.exists(rows_path):
+    os.remove(rows_path)
+  start = time.time()
+  for part, share in plan.shares.items():
+    limit = budget_s * share if part != 'pipeline' else budget_s - (time.time() - start)
+    args = [sys.executable, __file__, f'--part={part}', f'--out={out}',
+            f'--deadline={time.time() + limit * 0.9}'] + (['--cpu_smoke'] if smoke else [])
+    env = dict(os.environ)
+    if part == 'jax':  # the max-batch search wants (nearly) all of the device's memory
+      env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
+    else:  # JAX must not take the GPU from PyTorch
+      env['JAX_PLATFORMS'] = 'cpu'
+    try:
+      code = subprocess.run(args, timeout=max(limit, 10), env=env, check=False).returncode
+      if code:
+        emit(out, dict(kind='note', text=f'part {part} exited with status {code}.'))
+    except subprocess.TimeoutExpired:
+      emit(out, dict(kind='note', text=f'part {part} was stopped at its {limit:.0f} s limit.'))
+  rows = read_rows(out)
+  with open(os.path.join(out, 'gpu_check.json'), 'w') as f:
+    json.dump(rows, f, indent=1)
+  report = markdown(rows)
+  with open(os.path.join(out, 'gpu_check.md'), 'w') as f:
+    f.write(report)
+  print(report)
+  print(f'gpu_check: {time.time() - start:.0f} s, {len(rows)} rows in {out}')
+
+
+PARTS = {'jax': jax_part, 'torch': torch_part, 'pipeline': pipeline_part}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default='gpu_check_out', help='folder for the JSON and markdown')
+  parser.add_argument('--budget_s', type=float, default=450)
+  parser.add_argument('--cpu_smoke', action='store_true',
+                      help='the same code paths on a tiny model (the test suite runs this)')
+  parser.add_argument('--part', choices=(*PARTS, 'torch_compile'), help=argparse.SUPPRESS)
+  parser.add_argument('--deadline', type=float, help=argparse.SUPPRESS)
+  parser.add_argument('--row', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  plan = SMOKE if args.cpu_smoke else FULL
+  if args.part == 'torch_compile':
+    torch_compile_part(plan, args.out, json.loads(args.row))
+  elif args.part:
+    PARTS[args.part](plan, args.out, args.deadline)
+  else:
+    drive(plan, args.out, args.budget_s, args.cpu_smoke)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,70 @@
+"""The benchmarks run where TensorFlow is absent, and gpu_check's CPU path runs end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, 'benchmarks')
+NO_TENSORFLOW = os.path.join(ROOT, 'tests', 'no_tensorflow')  # its sitecustomize blocks TF
+TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, image_size=32)
+
+
+def run_without_tensorflow(args, tmp_path, timeout):
+  """(process, attempted TF imports) of `python args` with TensorFlow and tfds unimportable."""
+  log = tmp_path / 'tf_imports.log'
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([NO_TENSORFLOW, BENCHMARKS]),
+             TF_IMPORT_LOG=str(log), JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, *args], env=env, cwd=tmp_path, capture_output=True,
+                        text=True, timeout=timeout)
+  return proc, log.read_text() if log.exists() else ''
+
+
+def test_the_blocker_sees_a_tensorflow_import(tmp_path):
+  """The check below can fail: the tf.data pipeline does import TensorFlow."""
+  proc, attempts = run_without_tensorflow(
+      ['-c', 'import adaptformer_jax.data.pipeline'], tmp_path, timeout=120)
+  assert proc.returncode != 0
+  assert 'adaptformer_jax/data/pipeline.py' in attempts
+
+
+def test_benchmark_train_step_never_imports_tensorflow(tmp_path):
+  code = ('import sys, steps\n'
+          f"step, flops = steps.jax_step('adaptformer', 2, **{TINY!r})\n"
+          'step(); step()\n'
+          "print('tensorflow loaded:', any(m.startswith('tensorflow') and mod is not None\n"
+          "                                  for m, mod in sys.modules.items()))\n")
+  proc, attempts = run_without_tensorflow(['-c', code], tmp_path, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert attempts == '', f'TensorFlow imported on the step path:\n{attempts}'
+  assert 'tensorflow loaded: False' in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_part_without_tensorflow(tmp_path):
+  out = tmp_path / 'out'
+  proc, attempts = run_without_tensorflow(
+      [os.path.join(BENCHMARKS, 'gpu_check.py'), '--cpu_smoke', f'--out={out}',
+       '--budget_s=3000'], tmp_path, timeout=3100)  # ~1 min idle; ample for a loaded host
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Only the pipeline part's optional tf.data timing may try TensorFlow.
+  assert all('gpu_check.py' in line for line in attempts.splitlines()), attempts
+  rows = json.loads((out / 'gpu_check.json').read_text())
+  errors = [r for r in rows if 'error' in r]
+  assert not errors, errors
+  steps = [r for r in rows if r['kind'] == 'step']
+  jax_rows = [r for r in steps if r['framework'] == 'jax']
+  # adaptformer and full, plus the attention='xla' and frozen_dtype='bfloat16' variants.
+  assert len(jax_rows) == 4 and all(r['ms'] > 0 and r['flops'] > 0 for r in jax_rows)
+  assert {r['framework'] for r in steps} == {'jax', 'torch eager', 'torch compiled'}
+  (max_batch,) = [r for r in rows if r['kind'] == 'max_batch']
+  assert max_batch['batch'] >= 1 and max_batch['compiled_bytes'] <= 16 * 2**20
+  (check,) = [r for r in rows if r['kind'] == 'attention_check']
+  assert check['auto_is'] == 'xla' and check['max_abs_diff'] == 0
+  (pipeline,) = [r for r in rows if r['kind'] == 'pipeline']
+  assert pipeline['img_s_per_core'] > 0 and pipeline['impl'].startswith('PIL')
+  assert any('TensorFlow is not installed' in r.get('text', '') for r in rows)
+  report = (out / 'gpu_check.md').read_text()
+  assert '| jax | adaptformer | bfloat16 | 2 |' in report
