@@ -1,4 +1,5 @@
-"""Input pipelines: tfds datasets (plus the offline `sklearn_digits`, `glyphs`, `moving_digits`) to sharded batches.
+"""Input pipelines: tfds datasets (plus the offline `sklearn_digits`, `glyphs`, `moving_digits`),
+video lists or image folders to sharded batches.
 
 TensorFlow and tfds are imported on first use of the pipeline, not with this
 package: the model, the train step and the benchmarks run where TensorFlow is

@@ -1,4 +1,4 @@
-"""tfds input pipelines that yield globally sharded jax.Arrays.
+"""Input pipelines (tfds datasets, video lists or image folders) that yield globally sharded jax.Arrays.
 
 Training data is a pure function of (seed, step): epoch e is the split shuffled
 with a seed derived from (seed, e), and each example's augmentation is seeded by
@@ -10,11 +10,17 @@ build themselves offline. Video datasets (a tfds `video` feature, e.g. ucf101, o
 data.name='video_list': official `<path> <label>` lists, see video_lists.py)
 take the same path with `num_frames` set; batches hold the model input under
 'image' either way: (B, H, W, 3) images or (B, T, H, W, 3) clips.
+
+A source -- a prepared tfds builder, a video list or `folder:PATH`
+(data/folder.py) -- only provides (encoded image/video or file path, label)
+records in file order, split sizes and a decoder; shuffling, splitting across
+processes, augmentation and batching are the same for all.
 """
 import collections
 import contextlib
 import dataclasses
 import difflib
+import functools
 import itertools
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -28,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from adaptformer_jax import sharding as sharding_lib
 from adaptformer_jax.data import embedded
+from adaptformer_jax.data import folder
 from adaptformer_jax.data import glyphs
 from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import preprocess
@@ -54,7 +61,7 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-  """Where examples come from: a prepared tfds builder or annotation lists."""
+  """Where examples come from: a prepared tfds builder, annotation lists or an image folder."""
   kind: str  # 'image' | 'video'
   class_names: list
   count: Callable[[str, str], int]               # (split, field) -> examples, all processes
@@ -64,7 +71,11 @@ class _Source:
 
 
 def _source(data_cfg):
-  return _list_source(data_cfg) if data_cfg.name == VIDEO_LIST else _tfds_source(data_cfg)
+  if data_cfg.name == VIDEO_LIST:
+    return _list_source(data_cfg)
+  if folder.is_folder(data_cfg.name):
+    return _folder_source(data_cfg)
+  return _tfds_source(data_cfg)
 
 
 def _model_source(data_cfg, num_frames):
@@ -91,9 +102,10 @@ def _tfds_source(data_cfg):
 
   return _Source(
       kind=key, class_names=list(builder.info.features['label'].names),
-      count=lambda split, field: _count(builder, split, field),
+      count=lambda split, field: _count(builder.name, builder.info.splits, split, field),
       process_counts=lambda split, field: [
-          _count(builder, s, field) for s in tfds.even_splits(split, n=jax.process_count())],
+          _count(builder.name, builder.info.splits, s, field)
+          for s in tfds.even_splits(split, n=jax.process_count())],
       records=records, decode=builder.info.features[key].decode_example)
 
 
@@ -293,6 +305,32 @@ def _decoded(ds, source, example):
   return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _folder_source(data_cfg):
+  """`folder:PATH`: (file path, label) records; splits 'train' and 'val' take tfds slicing."""
+  images = folder.read(data_cfg.name, val_fraction=data_cfg.val_fraction,
+                       max_unreadable_fraction=data_cfg.max_unreadable_fraction)
+  splits = tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=s, shard_lengths=[len(images.paths[s])], num_bytes=0,
+                          filename_template=None) for s in folder.SPLITS])
+  count = lambda split, field: _count(f'folder {images.root}', splits, split, field)
+
+  def records(split):
+    parts = []
+    for part in tfds.core.ReadInstruction.from_spec(
+        _process_split(split)).to_absolute(splits):
+      window = slice(part.from_, part.to)
+      parts.append(tf.data.Dataset.from_tensor_slices(
+          (list(images.paths[part.splitname][window]),
+           tf.constant(images.labels[part.splitname][window], tf.int64))))
+    return functools.reduce(tf.data.Dataset.concatenate, parts)
+
+  return _Source(
+      kind='image', class_names=list(images.class_names), count=count,
+      process_counts=lambda split, field: [
+          count(s, field) for s in tfds.even_splits(split, n=jax.process_count())],
+      records=records, decode=folder.decode)
+
+
 def _builder(data_cfg):
   """The prepared tfds builder of data.name, or a UserError saying what to do."""
   name, data_dir = str(data_cfg.name), data_cfg.data_dir
@@ -360,18 +398,19 @@ def _configs(dataset):
   return f"; configs of {dataset!r}: {', '.join(configs)}"
 
 
-def _count(builder, split, field):
-  """Examples in `split`, or a UserError naming the field and the splits."""
-  splits = builder.info.splits
+def _count(name, splits, split, field):
+  """Examples in `split` of a SplitDict, or a UserError naming the field and the splits."""
   available = ', '.join(f'{s} ({splits[s].num_examples})' for s in splits)
   try:
-    num = splits[split].num_examples
+    num = sum((part.to if part.to is not None else splits[part.splitname].num_examples)
+              - (part.from_ or 0)
+              for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits))
   except (ValueError, KeyError, AssertionError) as e:
     reason = str(e).split('\n')[-1]
     raise UserError(
-        f'{field}: invalid split {split!r} for {builder.name} ({reason}); '
+        f'{field}: invalid split {split!r} for {name} ({reason}); '
         f"available splits: {available}; slices look like 'train[:90%]'.") from None
   if num <= 0:
-    raise UserError(f'{field}: split {split!r} of {builder.name} selects no '
+    raise UserError(f'{field}: split {split!r} of {name} selects no '
                     f'examples; available splits: {available}.')
   return num
