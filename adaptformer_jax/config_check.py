@@ -87,7 +87,8 @@ POSITIVE = integer(at_least=1)
 MODEL = {
     'name': string(), 'patch_size': POSITIVE, 'width': POSITIVE, 'depth': POSITIVE,
     'num_heads': POSITIVE, 'mlp_dim': POSITIVE, 'image_size': POSITIVE,
-    'num_classes': POSITIVE, 'pool': string(), 'head': string(),
+    'num_classes': integer(at_least=1, or_value=0, meaning='0 takes the count from the data'),
+    'pool': string(), 'head': string(),
     'head_init_std': number(0), 'tuning': string(),
     'adapter': {'bottleneck': POSITIVE, 'scale': adapter_scale, 'layernorm': string(),
                 'dropout': number(0, 1), 'placement': string()},
@@ -132,7 +133,9 @@ def problems(config: Any) -> list[str]:
   found = _check(config, SCHEMA, '')
   if not any(p.startswith('model') for p in found):
     try:
-      presets.validate(ml_collections.ConfigDict(config['model']))
+      model = ml_collections.ConfigDict(config['model'])
+      model.num_classes = model.num_classes or 1  # 0: from the data, resolved before building
+      presets.validate(model)
     except ConfigError as e:
       found.append(str(e).rstrip('.'))
   return found

@@ -38,10 +38,10 @@ def test_class_names_counts_and_unreadable_files(mixed, caplog):
   folder._checked.clear()
   with caplog.at_level(logging.INFO):
     info = data.info(folder_data_cfg(root))
-  assert info.class_names == ['dark', 'light', 'medium'] and info.num_classes == 3
+  assert info.class_names == ['blue', 'green', 'red'] and info.num_classes == 3
   assert (info.num_train, info.num_eval) == (18, 6)  # 24 readable: 2 of 8 per class held out
   assert 'Skipping 2 of 26 images' in caplog.text
-  assert 'dark/corrupt.jpg' in caplog.text and 'light/not_an_image.png' in caplog.text
+  assert 'blue/corrupt.jpg' in caplog.text and 'green/not_an_image.png' in caplog.text
   assert 'Ignoring 1 files without an image extension' in caplog.text
   got = _read(root)
   labelled = {p: got.class_names[c] for s in folder.SPLITS
@@ -61,7 +61,7 @@ def test_every_format_and_mode_decodes_to_rgb(mixed):
       assert np.abs(got.astype(int) - expected).mean() < 3, path
     else:
       np.testing.assert_array_equal(got, expected, err_msg=path)
-  rgba = [p for p in images if os.path.basename(p) == '00.png' and '/dark/' in p][0]
+  rgba = [p for p in images if os.path.basename(p) == '00.png' and '/blue/' in p][0]
   with Image.open(rgba) as image:
     assert image.mode == 'RGBA'  # the fixture really wrote an alpha channel
 
@@ -69,7 +69,7 @@ def test_every_format_and_mode_decodes_to_rgb(mixed):
 def test_stratified_split_is_deterministic_and_disjoint(tmp_path):
   for name, n in (('a', 10), ('b', 7), ('c', 2)):
     for i in range(n):
-      write_image(str(tmp_path / name / f'{i}.png'), 100, size=(4, 4), seed=i)
+      write_image(str(tmp_path / name / f'{i}.png'), (100, 100, 100), size=(4, 4), seed=i)
   first, again = _read(tmp_path, val_fraction=0.3), _read(tmp_path, val_fraction=0.3)
   assert first.paths == again.paths and first.labels == again.labels
   train, val = set(first.paths['train']), set(first.paths['val'])
@@ -85,7 +85,7 @@ def test_train_and_val_folders_are_the_splits(tmp_path):
   for split, n in (('train', 3), ('val', 1)):
     for name in ('x', 'y'):
       for i in range(n):
-        write_image(str(tmp_path / split / name / f'{i}.jpg'), 50, seed=i)
+        write_image(str(tmp_path / split / name / f'{i}.jpg'), (50, 50, 50), seed=i)
   got = _read(tmp_path)
   assert got.class_names == ('x', 'y')
   assert [len(got.paths[s]) for s in folder.SPLITS] == [6, 2]
@@ -137,7 +137,7 @@ def test_bad_folders(tmp_path, layout, message):
   for name, n in layout.items():
     os.makedirs(tmp_path / name, exist_ok=True)
     for i in range(n):
-      write_image(str(tmp_path / name / f'{i}.png'), 10, seed=i)
+      write_image(str(tmp_path / name / f'{i}.png'), (10, 10, 10), seed=i)
   with pytest.raises(UserError, match=message):
     data.info(folder_data_cfg(tmp_path))
 
@@ -158,20 +158,20 @@ def test_too_many_unreadable_images_is_an_error(mixed):
 
 
 def test_class_of_unreadable_files_and_val_with_unknown_class(tmp_path):
-  write_image(str(tmp_path / 'a' / '0.png'), 10)
+  write_image(str(tmp_path / 'a' / '0.png'), (10, 10, 10))
   (tmp_path / 'b').mkdir()
   (tmp_path / 'b' / 'broken.jpg').write_bytes(b'not a jpeg')
   with pytest.raises(UserError, match='class folder .*/b has no readable image'):
     data.info(folder_data_cfg(tmp_path, max_unreadable_fraction=1.0))
   for split, name in (('train', 'a'), ('train', 'b'), ('val', 'a'), ('val', 'z')):
-    write_image(str(tmp_path / 'split' / split / name / '0.png'), 10)
+    write_image(str(tmp_path / 'split' / split / name / '0.png'), (10, 10, 10))
   with pytest.raises(UserError, match='val has class folders that .*/train lacks: z'):
     data.info(folder_data_cfg(tmp_path / 'split'))
 
 
 def test_no_validation_images_names_the_fix(tmp_path):
   for name in ('a', 'b'):
-    write_image(str(tmp_path / name / '0.png'), 10)
+    write_image(str(tmp_path / name / '0.png'), (10, 10, 10))
   with pytest.raises(UserError, match="data.eval_split: split 'val' of folder .* selects no"):
     data.info(folder_data_cfg(tmp_path, val_fraction=0.0))
   with pytest.raises(UserError, match="data.eval_split: invalid split 'test' .*val \\(0\\)"):

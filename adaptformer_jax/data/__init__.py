@@ -7,11 +7,13 @@ absent (e.g. an accelerator image without it).
 """
 import importlib
 
-_PIPELINE_NAMES = ('check_num_classes', 'DatasetInfo', 'eval_iterator', 'info',
-                   'train_iterator')
+_NAMES = {'check_num_classes': 'pipeline', 'DatasetInfo': 'pipeline',
+          'eval_iterator': 'pipeline', 'image_batches': 'pipeline', 'info': 'pipeline',
+          'train_iterator': 'pipeline', 'with_num_classes': 'pipeline',
+          'list_images': 'folder'}
 
 
 def __getattr__(name):
-  if name in _PIPELINE_NAMES:
-    return getattr(importlib.import_module('adaptformer_jax.data.pipeline'), name)
+  if name in _NAMES:
+    return getattr(importlib.import_module(f'adaptformer_jax.data.{_NAMES[name]}'), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,4 +1,4 @@
-"""Folder datasets: `PATH/<class>/<images>` (or `PATH/train|val/<class>/...`) as labelled file lists.
+"""Folder datasets: `PATH/<class>/<image>` (or `PATH/train|val/<class>/...`) as labelled files.
 
 Class names are the sorted class folder names. Every image is decoded once when a
 folder is first read, so an unreadable file is dropped (counted, logged; too many
@@ -45,15 +45,20 @@ def read(name: str, *, val_fraction: float, max_unreadable_fraction: float) -> F
   image of any class with two) is held out, picked by a hash of the file's path
   below PATH: the same files on every run and every host.
   """
-  root = os.path.abspath(os.path.expanduser(str(name)[len(PREFIX):]))
+  path = str(name)[len(PREFIX):]
+  if not path:
+    raise UserError("data.name: 'folder:' names no folder; pass "
+                    '--config.data.name=folder:PATH with images in PATH/<class>/.')
+  root = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(root):
     what = 'is not a directory' if os.path.exists(root) else 'does not exist'
     raise UserError(f'data.name: {name!r}: {root} {what}; pass folder:PATH with images '
                     'in PATH/<class>/.')
   train_root = os.path.join(root, 'train')
   split_layout = os.path.isdir(train_root)
-  class_names = _class_folders(train_root if split_layout else root)
-  files = {'train': _images_by_class(train_root if split_layout else root, class_names)}
+  class_root = train_root if split_layout else root
+  class_names = _class_folders(class_root)
+  files = {'train': _images_by_class(class_root, class_names)}
   val_root = os.path.join(root, 'val')
   if split_layout and os.path.isdir(val_root):
     extra = sorted(set(_class_folders(val_root, required=False)) - set(class_names))
@@ -76,14 +81,14 @@ def read(name: str, *, val_fraction: float, max_unreadable_fraction: float) -> F
            for split, by_class in files.items()}
   for c, paths in enumerate(files['train']):
     if not paths:
-      raise UserError(f'class folder {os.path.join(train_root if split_layout else root, class_names[c])} '
-                      'has no readable image; add images or remove the folder.')
+      raise UserError(f'class folder {os.path.join(class_root, class_names[c])} has no '
+                      'readable image; add images or remove the folder.')
   if 'val' not in files:
     files = _hold_out(files['train'], root, val_fraction)
   paths, labels = {}, {}
   for split, by_class in files.items():
     pairs = [(p, c) for c, class_paths in enumerate(by_class) for p in class_paths]
-    if split == 'train':  # a fixed mix of classes, so a shuffle buffer smaller than the split still mixes
+    if split == 'train':  # a fixed mix of classes: a shuffle buffer under the split still mixes
       pairs.sort(key=lambda pair: _digest(pair[0], root))
     paths[split] = tuple(p for p, _ in pairs)
     labels[split] = tuple(c for _, c in pairs)
@@ -125,7 +130,7 @@ def list_images(patterns: list) -> list:
   if not found:
     raise UserError(f"--images {' '.join(map(str, patterns))}: no images "
                     f"({', '.join(IMAGE_EXTENSIONS)}) found.")
-  return sorted(dict.fromkeys(os.path.abspath(p) for p in found))
+  return sorted(dict.fromkeys(os.path.normpath(p) for p in found))
 
 
 def _pillow_rgb(contents) -> np.ndarray:

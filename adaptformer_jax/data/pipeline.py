@@ -18,17 +18,20 @@ processes, augmentation and batching are the same for all.
 """
 import collections
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
 import itertools
 from collections.abc import Callable
+import os
 from collections.abc import Iterator
 
 from absl import logging
 import jax
 from jax.sharding import NamedSharding
 import ml_collections
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -165,7 +168,17 @@ def check_num_classes(dataset_info: DatasetInfo, model_num_classes: int) -> None
     raise UserError(
         f'model.num_classes={model_num_classes} but dataset '
         f'{dataset_info.name!r} has {dataset_info.num_classes} classes; set '
-        f'model.num_classes={dataset_info.num_classes}.')
+        f'model.num_classes={dataset_info.num_classes} (or 0: from the data).')
+
+
+def with_num_classes(config, dataset_info):
+  """`config` with model.num_classes taken from the data when it is 0 (a copy), else checked."""
+  if config.model.num_classes == 0:
+    config = copy.deepcopy(config)
+    config.model.num_classes = dataset_info.num_classes
+    return config
+  check_num_classes(dataset_info, config.model.num_classes)
+  return config
 
 
 def train_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
@@ -237,6 +250,33 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
   ds = ds.take(num_batches * local_batch).batch(local_batch)
   return EvalBatches(_deterministic(ds.prefetch(tf.data.AUTOTUNE)), sharding,
                      num_batches)
+
+
+def image_batches(images, data_cfg, *, image_size, batch_size):
+  """(indices, images) numpy batches of `images` with the eval preprocessing.
+
+  `images` are file paths or uint8 (H, W[, C]) arrays. Files that do not decode
+  are left out of the batches: their indices are missing, and the stream goes on.
+  """
+  pp = preprocess.make(data_cfg.eval_pp, image_size=image_size,
+                       normalize=data_cfg.normalize, field='data.eval_pp')
+  key = tf.constant([0, 0], tf.int64)  # as eval_iterator: random ops stay fixed
+  if all(isinstance(x, (str, os.PathLike)) for x in images):
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant([os.fspath(p) for p in images]))
+    ds = ds.map(folder.decode, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    arrays = [np.asarray(x) for x in images]
+    for i, x in enumerate(arrays):
+      if x.dtype != np.uint8 or x.ndim not in (2, 3):
+        raise UserError(f'images[{i}]: expected a file path or a uint8 (H, W[, C]) array, '
+                        f'got {x.dtype} of shape {x.shape}.')
+    ds = tf.data.Dataset.from_generator(
+        lambda: (x if x.ndim == 3 else x[..., None] for x in arrays),
+        output_signature=tf.TensorSpec((None, None, None), tf.uint8))
+  ds = ds.enumerate().map(lambda i, image: (i, pp(image, key)),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  return _deterministic(ds).as_numpy_iterator()
 
 
 class EvalBatches:
