@@ -20,9 +20,13 @@ def metadata(class_names: Sequence[str]) -> dict:
 
 
 def record(workdir: str, class_names: Sequence[str]) -> None:
-  """Writes `<workdir>/class_names.json`; a resumed run must have the same classes."""
+  """Writes `<workdir>/class_names.json`; a resumed run must have the same classes.
+
+  As with config.json, only a checkpoint makes the workdir hold a run: before the
+  first one, a restart may change the data and rewrites the file.
+  """
   recorded = read_workdir(workdir)
-  if recorded is not None:
+  if recorded is not None and checkpoint.latest_step(workdir) is not None:
     check(recorded, class_names, f'--workdir {workdir} holds a run of')
     return
   if jax.process_index() == 0:

@@ -115,3 +115,17 @@ def test_predict_bad_input(trained, tmp_path):
   with pytest.raises(UserError, match='--top_k=0: must be at least 1'):
     jobs.predict_files(config, workdir, [root], top_k=0)
   assert not os.path.exists(os.path.join(workdir, jobs.PREDICTIONS_FILE))
+
+
+def test_resuming_with_other_classes_is_refused(trained, tmp_path):
+  _, _, workdir, _ = trained
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  with pytest.raises(UserError, match='holds a run of 3 classes, the data has 3: the same '
+                     'classes in another order'):
+    class_names.record(copy, ['red', 'green', 'blue'])
+  fresh = str(tmp_path / 'fresh')  # no checkpoint yet: a restart may change the data
+  os.makedirs(fresh)
+  class_names.record(fresh, ['a', 'b'])
+  class_names.record(fresh, ['a', 'b', 'c'])
+  assert class_names.read_workdir(fresh) == ['a', 'b', 'c']
