@@ -338,7 +338,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
         # Saved before the final evaluation: whatever happens there, the run is kept.
         if last or done % config.checkpoint_every_steps == 0 or stop:
           flush(done)  # the NaN guard runs before a step is saved
-          ckpt.save(done, state)
+          ckpt.save(done, state, class_names.metadata(info.class_names))
         evaluate_now = last or (config.eval_every_steps and
                                 done % config.eval_every_steps == 0)
         if evaluate_now:
@@ -346,9 +346,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
           eval_metrics = evaluate.evaluate(run.model, run.variables(state),
                                            eval_dataset(config, run))
           writer.write(done, {f'eval/{k}': v for k, v in evaluate.scalars(eval_metrics).items()})
-        if last or done % config.checkpoint_every_steps == 0 or stop:
-          flush(done)  # the NaN guard runs before a step is saved
-          ckpt.save(done, state, class_names.metadata(info.class_names))
         if stop:  # the save completes in ckpt.close() below
           raise interrupts.Interrupted(stop[0], done, workdir)
     if eval_metrics is None:  # resumed after the last step: evaluate what is there
