@@ -16,6 +16,7 @@ import tqdm
 from adaptformer_jax import data
 from adaptformer_jax import models
 from adaptformer_jax import sharding
+from adaptformer_jax.errors import UserError
 
 UNREADABLE = '<unreadable>'  # the label column of a file that does not decode
 
@@ -36,6 +37,9 @@ def predict(variables, config, images: Sequence, *, batch_size: int = 0,
   (default `config.eval_batch_size`); the last is padded, so one compiled
   program serves every batch.
   """
+  if len(models.input_shape(config.model)) != 3:
+    raise UserError('--mode predict: the model takes video clips; predict classifies '
+                    "images, so use an image model (model.patch_embed='2d').")
   model = models.build(config.model)
   size = config.model.image_size
   batch_size = batch_size or config.eval_batch_size

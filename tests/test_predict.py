@@ -5,6 +5,7 @@ import os
 from conftest import folder_data_cfg
 from conftest import make_image_folder
 from conftest import tiny_cfg
+from conftest import tiny_video_cfg
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -93,3 +94,10 @@ def test_arrays_must_be_uint8_images():
   config, variables = _model()
   with pytest.raises(UserError, match=r'images\[1\]: expected a file path or a uint8'):
     predict.predict(variables, config, [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3))])
+
+
+def test_a_video_model_is_refused():
+  config, variables = _model()
+  config.model = tiny_video_cfg(num_classes=3, image_size=16, patch_size=4)
+  with pytest.raises(UserError, match='the model takes video clips'):
+    predict.predict(variables, config, [np.zeros((16, 16, 3), np.uint8)])

@@ -1,4 +1,4 @@
-"""Input pipelines (tfds datasets, video lists or image folders) that yield globally sharded jax.Arrays.
+"""Input pipelines (tfds, video lists, image folders) that yield globally sharded jax.Arrays.
 
 Training data is a pure function of (seed, step): epoch e is the split shuffled
 with a seed derived from (seed, e), and each example's augmentation is seeded by
@@ -23,8 +23,8 @@ import dataclasses
 import difflib
 import functools
 import itertools
-from collections.abc import Callable
 import os
+from collections.abc import Callable
 from collections.abc import Iterator
 
 from absl import logging
