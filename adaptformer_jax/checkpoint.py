@@ -64,9 +64,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any) -> None:
+  def save(self, step: int, state: Any, metadata: dict[str, Any] | None = None) -> None:
     """Starts saving `state` as `step`; a full disk is a UserError naming the directory.
 
+    `metadata` (JSON, e.g. the class names) travels in the step's directory.
     A save that cannot fit in the free space is refused before it starts (a write
     failing halfway leaves orbax's threads complaining); one that fails anyway
     surfaces here at the next save, or at close().
@@ -80,7 +81,13 @@ class Checkpointer:
                                f'needs about {need / 2**20:.1f} MiB)')
     self._saving = int(step)
     with self._os_errors(step):
-      self._manager.save(int(step), args=ocp.args.StandardSave(state))
+      self._manager.save(int(step), args=ocp.args.StandardSave(state),
+                         custom_metadata=metadata)
+
+  def metadata(self, step: int | None = None) -> dict[str, Any]:
+    """The `metadata` saved with `step` (default: the latest), {} if none."""
+    step = self.latest_step() if step is None else step
+    return dict(self._manager.metadata(step).custom_metadata or {})
 
   def _seal(self) -> None:
     """Writes the manifest of the step orbax has just finished (its background thread).
@@ -215,6 +222,18 @@ def restore_path(path: str, abstract_state: Any) -> Any:
   except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
     raise UserError(f'--checkpoint {path}: cannot restore it ({first_line(e)}); pass '
                     'another step of the same run.') from None
+  finally:
+    manager.close()
+
+
+def step_metadata(path: str) -> dict[str, Any]:
+  """The metadata saved with the checkpoint step directory `path` ({} if none)."""
+  parent, step = os.path.split(os.path.abspath(path).rstrip('/'))
+  if not step.isdigit() or not os.path.isdir(path):
+    return {}  # restore_path says what is wrong with the path
+  manager = ocp.CheckpointManager(parent)
+  try:
+    return dict(manager.metadata(int(step)).custom_metadata or {})
   finally:
     manager.close()
 

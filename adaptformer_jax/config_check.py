@@ -92,7 +92,8 @@ POSITIVE = integer(at_least=1)
 MODEL = {
     'name': string(), 'patch_size': POSITIVE, 'width': POSITIVE, 'depth': POSITIVE,
     'num_heads': POSITIVE, 'mlp_dim': POSITIVE, 'image_size': POSITIVE,
-    'num_classes': POSITIVE, 'pool': string(), 'head': string(),
+    'num_classes': integer(at_least=1, or_value=0, meaning='0 takes the count from the data'),
+    'pool': string(), 'head': string(),
     'head_init_std': number(0), 'tuning': string(),
     # Checkpoint-family options (their allowed values: presets.CHOICES).
     'gelu': string(), 'class_token': boolean, 'num_registers': integer(at_least=0),
@@ -114,7 +115,8 @@ SCHEMA = {
     'model': MODEL,
     'data': {'name': string(), 'data_dir': string(optional=True), 'train_split': string(),
              'eval_split': string(), 'train_pp': string(), 'eval_pp': string(),
-             'normalize': string(), 'shuffle_buffer': POSITIVE},
+             'normalize': string(), 'shuffle_buffer': POSITIVE,
+             'val_fraction': number(0, 1), 'max_unreadable_fraction': number(0, 1)},
     'init_from': string(), 'init_dont_load': regexes, 'seed': integer(),
     'batch_size': POSITIVE, 'accum_steps': POSITIVE, 'model_parallel': POSITIVE,
     'eval_batch_size': POSITIVE, 'num_epochs': POSITIVE,
@@ -145,7 +147,9 @@ def problems(config: Any) -> list[str]:
   found = _check(config, SCHEMA, '')
   if not any(p.startswith('model') for p in found):
     try:
-      presets.validate(ml_collections.ConfigDict(config['model']))
+      model = ml_collections.ConfigDict(config['model'])
+      model.num_classes = model.num_classes or 1  # 0: from the data, resolved before building
+      presets.validate(model)
     except ConfigError as e:
       found.append(str(e).rstrip('.'))
   return found

@@ -6,26 +6,34 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def eval_step(model: nn.Module, variables: dict[str, Any],
               batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Masked sums of top-1/top-5 hits and loss over one (possibly padded) batch."""
+  """Masked sums of top-1/top-5 hits and loss, and the confusion counts, of one batch."""
   logits = model.apply(variables, batch['image'], train=False)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
   k = min(5, logits.shape[-1])
   top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {'top1': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+  predicted = jnp.argmax(logits, -1)
+  num_classes = logits.shape[-1]
+  confusion = jnp.zeros((num_classes, num_classes)).at[labels, predicted].add(mask)
+  return {'top1': jnp.sum((predicted == labels) * mask),
           'top5': jnp.sum(top5 * mask), 'loss': jnp.sum(loss * mask),
-          'count': jnp.sum(mask)}
+          'count': jnp.sum(mask), 'confusion': confusion}
 
 
 def evaluate(model: nn.Module, variables: dict[str, Any],
-             dataset: Iterable[dict[str, jax.Array]]) -> dict[str, float]:
-  """Top-1, top-5 and mean loss of `model` over every batch of `dataset`."""
+             dataset: Iterable[dict[str, jax.Array]]) -> dict[str, Any]:
+  """Top-1, top-5, mean loss and the confusion matrix of `model` over `dataset`.
+
+  `confusion[i][j]` counts examples of class i predicted as class j (a list of
+  lists, so the result stays JSON); the other values are scalars.
+  """
   totals = None
   for batch in dataset:
     sums = eval_step(model, variables, batch)
@@ -33,4 +41,27 @@ def evaluate(model: nn.Module, variables: dict[str, Any],
   totals = jax.device_get(totals)
   count = float(totals['count'])
   return {'top1': float(totals['top1']) / count, 'top5': float(totals['top5']) / count,
-          'loss': float(totals['loss']) / count, 'count': int(count)}
+          'loss': float(totals['loss']) / count, 'count': int(count),
+          'confusion': np.rint(totals['confusion']).astype(int).tolist()}
+
+
+def scalars(result):
+  """The scalar metrics of an `evaluate` result, for metric writers."""
+  return {k: v for k, v in result.items() if k != 'confusion'}
+
+
+def per_class_accuracy(confusion):
+  """Top-1 accuracy of each class (NaN for a class without examples)."""
+  counts = np.asarray(confusion, np.float64)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.diag(counts) / counts.sum(axis=1)
+
+
+def per_class_table(confusion, class_names):
+  """A header and one line per class: name, top-1, number of images."""
+  counts = np.asarray(confusion).sum(axis=1)
+  width = max(len(n) for n in [*class_names, 'class'])
+  rows = [f"{'class':<{width}}   top-1  images"]
+  rows += [f'{name:<{width}}  {acc:.4f}  {count:>6}' for name, acc, count in
+           zip(class_names, per_class_accuracy(confusion), counts)]
+  return '\n'.join(rows)

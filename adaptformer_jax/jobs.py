@@ -1,39 +1,73 @@
-"""The jobs that read a trained run: evaluate it, export its adapters, load its variables.
+"""The jobs that read a trained run: evaluate it, export its adapters, predict, load variables.
 
-They take no workdir lock: a run being trained can be read, its checkpoints appear by
-atomic rename. Every result names the checkpoint it came from.
+A trained model is a workdir's checkpoint (latest, or `--checkpoint`) or a backbone
+(`config.init_from`) with exported adapters; either records its class names, and
+loading one needs no dataset. The jobs take no workdir lock: a run being trained
+can be read, its checkpoints appear by atomic rename. Every result names the
+checkpoint it came from.
 """
+import copy
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Sequence
 
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import class_names
+from adaptformer_jax import config_check
+from adaptformer_jax import data
 from adaptformer_jax import evaluate
+from adaptformer_jax import predict
 from adaptformer_jax import train
+from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
 
 EVAL_FILE = 'eval.json'
+PREDICTIONS_FILE = 'predictions.csv'
+SHOWN_PREDICTIONS = 20  # images whose predictions are printed; the CSV has them all
+
+
+def model_config(config: ml_collections.ConfigDict, workdir: str | None = None,
+                 checkpoint_path: str | None = None,
+                 adapters: str | None = None) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """(config with model.num_classes resolved, the model's class names).
+
+  The names are those the model records; a run from before they were recorded
+  falls back on the dataset's. model.num_classes=0 becomes their count; any other
+  value must equal it. A workdir without a checkpoint is a UserError.
+  """
+  if not (adapters or checkpoint_path or workdir and checkpoint.latest_step(workdir) is not None):
+    raise UserError(f'--workdir {workdir} has no checkpoint; train first, or pass '
+                    '--checkpoint PATH.')
+  names = class_names.of_model(workdir, checkpoint_path, adapters)
+  if names is None:
+    names = data.info(config.data).class_names
+  if config.model.num_classes == 0:
+    config = copy.deepcopy(config)
+    config.model.num_classes = len(names)
+  elif config.model.num_classes != len(names):
+    raise UserError(f'model.num_classes={config.model.num_classes} but the trained model '
+                    f'records {len(names)} class names; use the config it was trained with.')
+  config_check.validate(config)
+  return config, list(names)
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str | None,
-             checkpoint_path: str | None = None
-             ) -> tuple[Any, train.Run, train.TrainState, str]:
-  """The dataset info, run and trained state of a workdir (latest, or `checkpoint_path`),
-  and the checkpoint step directory it came from."""
-  info, trainer = train.setup(config)
+             checkpoint_path: str | None = None) -> tuple[train.Run, train.TrainState, str]:
+  """The run and trained state of a workdir (latest, or `checkpoint_path`), and the
+  checkpoint step directory it came from; `model_config` has checked there is one."""
+  trainer = train.Trainer(train.Run(config))
   if checkpoint_path:
     state = checkpoint.restore_path(checkpoint_path, trainer.abstract_state())
-    return info, trainer.run, state, os.path.abspath(checkpoint_path)
-  if checkpoint.latest_step(workdir) is None:
-    raise UserError(f'--workdir {workdir} has no checkpoint; train first, or pass '
-                    '--checkpoint PATH.')
+    return trainer.run, state, os.path.abspath(checkpoint_path)
   with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
     state = ckpt.restore(trainer.abstract_state())
-    return info, trainer.run, state, os.path.join(ckpt.directory, str(int(state.step)))
+    return trainer.run, state, os.path.join(ckpt.directory, str(int(state.step)))
 
 
 def load_variables(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -43,36 +77,44 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str | None = None
 
   From the latest checkpoint of `workdir` (or `checkpoint_path`), or -- with
   `adapters` -- the frozen backbone of `config.init_from` with the exported
-  adapters swapped in.
+  adapters swapped in. `run.config` has model.num_classes resolved.
   """
+  config, _ = model_config(config, workdir, checkpoint_path, adapters)
   if not adapters:
-    _, run, state, _ = _restore(config, workdir, checkpoint_path)
+    run, state, _ = _restore(config, workdir, checkpoint_path)
     return run, run.variables(state)
-  run = train.setup(config)[1].run
+  run = train.Run(config)
   variables = train.init_variables(config, run.model, jax.random.key(config.seed))
   variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
   return run, run.place(run.stored(variables))
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
-                     checkpoint_path: str | None = None,
-                     adapters: str | None = None) -> dict[str, float]:
-  """Eval job: top-1/top-5 of `load_variables(...)`, recorded in <workdir>/eval.json.
+                     checkpoint_path: str | None = None, adapters: str | None = None,
+                     per_class: bool = False) -> dict[str, Any]:
+  """Eval job: top-1/top-5 and the confusion matrix of `load_variables(...)`, recorded in
+  <workdir>/eval.json, and confusion_matrix.png (with `per_class`, printed per class).
 
-  The record names the checkpoint (or adapters) measured. It is written only where
-  it belongs: not over a training workdir's record with another run's checkpoint,
-  and a workdir that cannot be written (read-only) loses the record with a warning,
-  not the result.
+  The data must have the model's classes, in the same order. The record names the
+  checkpoint (or adapters) measured. It is written only where it belongs: not over a
+  training workdir's record with another run's checkpoint, and a workdir that cannot
+  be written (read-only) loses the record with a warning, not the result.
   """
+  info = data.info(config.data)
+  config, names = model_config(config, workdir, checkpoint_path, adapters)
+  class_names.check(names, info.class_names, 'the model was trained on')
   if adapters:
     run, variables = load_variables(config, adapters=adapters)
     source = os.path.abspath(adapters)
   else:
-    _, run, state, source = _restore(config, workdir, checkpoint_path)
+    run, state, source = _restore(config, workdir, checkpoint_path)
     variables = run.variables(state)
   result = evaluate.evaluate(run.model, variables, train.eval_dataset(config, run))
   if jax.process_index() == 0 and os.path.isdir(workdir):
     _record(workdir, {**result, 'checkpoint': source})
+  train.write_confusion(workdir, result, names)
+  if per_class:
+    print(evaluate.per_class_table(result['confusion'], names))
   return result
 
 
@@ -98,6 +140,49 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
 
   A different export already in out_dir is replaced only with `overwrite`.
   """
-  info, run, state, source = _restore(config, workdir, checkpoint_path)
+  config, names = model_config(config, workdir, checkpoint_path)
+  run, state, source = _restore(config, workdir, checkpoint_path)
   return checkpoint.export_adapters(out_dir, run.variables(state), run.mask, config.model,
-                                    info.class_names, source=source, overwrite=overwrite)
+                                    names, source=source, overwrite=overwrite)
+
+
+def predict_files(config: ml_collections.ConfigDict, workdir: str | None,
+                  images: Sequence[str], *, out: str | None = None, top_k: int = 5,
+                  checkpoint_path: str | None = None,
+                  adapters: str | None = None) -> tuple[list[str], np.ndarray]:
+  """Predict job: the top-k classes of image files, printed and in <out>/predictions.csv.
+
+  `images` are files, directories (searched recursively) or globs; `out` defaults
+  to the workdir. A file that does not decode is reported in the CSV and the rest
+  go on. Returns (paths, probabilities).
+  """
+  if not images:
+    raise UserError('--mode predict needs --images PATH [PATH ...] (files, directories or '
+                    'globs).')
+  if top_k < 1:
+    raise UserError(f'--top_k={top_k}: must be at least 1.')
+  if jax.process_count() > 1:
+    raise UserError('--mode predict runs in one process; start it without the multi-host '
+                    'flags.')
+  paths = data.list_images(images)
+  out = out or workdir
+  if not out:
+    raise UserError('--mode predict needs --out DIR (or --workdir) for predictions.csv.')
+  workdirs.check_writable(out, '--out')
+  config, names = model_config(config, workdir, checkpoint_path, adapters)
+  run, variables = load_variables(config, workdir, checkpoint_path, adapters)
+  start = time.perf_counter()
+  probabilities = predict.predict(variables, run.config, paths, progress=config.progress)
+  elapsed = time.perf_counter() - start
+  csv_path = os.path.join(out, PREDICTIONS_FILE)
+  predict.write_csv(csv_path, paths, probabilities, names, top_k)
+  unreadable = np.isnan(probabilities).any(axis=1)
+  for path, row, bad in list(zip(paths, probabilities, unreadable))[:SHOWN_PREDICTIONS]:
+    top = ', '.join(f'{names[c]} {row[c]:.3f}' for c in predict.top_classes(row, top_k))
+    print(f'{path}: {predict.UNREADABLE if bad else top}')
+  if len(paths) > SHOWN_PREDICTIONS:
+    print(f'... and {len(paths) - SHOWN_PREDICTIONS} more in {csv_path}')
+  print(f'Predicted {len(paths) - unreadable.sum()} images ({unreadable.sum()} unreadable) in '
+        f'{elapsed:.1f}s ({len(paths) / elapsed:.1f} images/s, compiling included); wrote '
+        f'{csv_path}.')
+  return paths, probabilities

@@ -1,6 +1,6 @@
 """Command line: `python -m adaptformer_jax.main --config configs/X.py:METHOD --workdir DIR`.
 
-Parses flags and runs one job: train, eval or export. User mistakes end in one
+Parses flags and runs one job: train, eval, export or predict. User mistakes end in one
 line on stderr and exit status 2 (`--verbose` shows the traceback). SIGTERM or
 SIGINT during training checkpoints the current step and exits with 128 + signal.
 """
@@ -17,18 +17,21 @@ CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and method, e.g. configs/cifar100.py:adaptformer. '
     'Optional for eval/export: defaults to the workdir\'s config.json.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'Job to run.')
-flags.DEFINE_string('checkpoint', None, 'eval/export: a <workdir>/checkpoints/<step> dir.')
-flags.DEFINE_string('adapters', None, 'eval: an export dir to swap into the frozen backbone.')
-flags.DEFINE_string('out', None, 'export: output directory.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict'], 'Job to run.')
+flags.DEFINE_string('checkpoint', None, 'eval/export/predict: a <workdir>/checkpoints/<step>.')
+flags.DEFINE_string('adapters', None, 'eval/predict: an export to swap into the backbone.')
+flags.DEFINE_string('out', None, 'export: output dir; predict: for predictions.csv (workdir).')
+flags.DEFINE_multi_string('images', [], 'predict: files, dirs or globs (more may follow).')
+flags.DEFINE_integer('top_k', 5, 'predict: classes per image.')
+flags.DEFINE_bool('per_class', False, 'eval: also print the accuracy of each class.')
 flags.DEFINE_bool('overwrite', False, 'export: replace a different export already in --out.')
 flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
 flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', -1, 'Multi-host: index of this process.')
 
 
-def job(config: ml_collections.ConfigDict | None) -> None:
-  """The --mode job on `config` (None: the workdir's saved config, for eval/export)."""
+def job(config: ml_collections.ConfigDict | None, images: list[str]) -> None:
+  """The --mode job on `config` (None: the workdir's saved config, for eval/export/predict)."""
   # pylint: disable=g-import-not-at-top  # JAX and TF load only once the flags are good
   from adaptformer_jax import jobs
   from adaptformer_jax import sharding
@@ -46,9 +49,13 @@ def job(config: ml_collections.ConfigDict | None) -> None:
   if FLAGS.mode == 'train':
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
-    result = jobs.evaluate_workdir(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.adapters)
+    result = jobs.evaluate_workdir(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.adapters,
+                                   FLAGS.per_class)
     print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
           f"({result['count']} images)")
+  elif FLAGS.mode == 'predict':
+    jobs.predict_files(config, FLAGS.workdir, images, out=FLAGS.out, top_k=FLAGS.top_k,
+                       checkpoint_path=FLAGS.checkpoint, adapters=FLAGS.adapters)
   elif not FLAGS.out:
     raise UserError('--mode export needs --out DIR.')
   else:
@@ -57,9 +64,9 @@ def job(config: ml_collections.ConfigDict | None) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
+  if len(argv) > 1 and not FLAGS.images:  # `--images *.jpg`: the shell's expansion follows
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  cli.run(lambda: job(cli.loaded_config(CONFIG)))
+  cli.run(lambda: job(cli.loaded_config(CONFIG), FLAGS.images + argv[1:]))
 
 
 def run() -> None:

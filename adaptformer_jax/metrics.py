@@ -1,10 +1,11 @@
-"""Metrics to TensorBoard and metrics.jsonl, and the console progress bar."""
+"""Metrics to TensorBoard and metrics.jsonl, the console progress bar, the confusion matrix PNG."""
 import json
 import os
 import sys
 import time
 
 import jax
+import numpy as np
 import tqdm
 
 
@@ -63,3 +64,38 @@ class Progress:
 
   def close(self) -> None:
     self._bar.close()
+
+
+def write_confusion_png(path, confusion, class_names):
+  """A confusion-matrix heat map: row i is the true class, column j the prediction,
+  shaded by the share of class i predicted as j; counts and names when they fit.
+  """
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  counts = np.asarray(confusion)
+  n = len(class_names)
+  rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  cell = int(np.clip(1200 // n, 3, 40))
+  font = ImageFont.load_default(size=12)
+  labels = cell >= 14
+  names = [f'{i} {name}' for i, name in enumerate(class_names)]
+  left = int(max(font.getlength(s) for s in names)) + 10 if labels else 4
+  top = 40 if labels else 4
+  title = 'rows: true class, columns: predicted' if labels else ''
+  width = max(left + n * cell + 4, int(font.getlength(title)) + 8)
+  image = Image.new('RGB', (width, top + n * cell + 4), 'white')
+  draw = ImageDraw.Draw(image)
+  for i in range(n):
+    for j in range(n):
+      shade = int(255 * (1 - rates[i, j]))
+      box = (left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1)
+      draw.rectangle(box, fill=(shade, shade, 255))
+      if cell >= 28 and counts[i, j]:
+        draw.text((box[0] + cell / 2, box[1] + cell / 2), str(counts[i, j]), anchor='mm',
+                  font=font, fill='white' if shade < 128 else 'black')
+    if labels:
+      draw.text((left - 6, top + i * cell + cell / 2), names[i], anchor='rm', font=font,
+                fill='black')
+      draw.text((left + i * cell + cell / 2, top - 4), str(i), anchor='mb', font=font,
+                fill='black')
+  draw.text((4, 4), title, font=font, fill='black')
+  image.save(path)

@@ -38,7 +38,10 @@ def base(model_cfg: ml_collections.ConfigDict, data_name: str,
       name=data_name, data_dir=ml_collections.FieldReference(None, field_type=str),
       train_split='train', eval_split='test',
       train_pp='random_resized_crop|flip', eval_pp='resize_center_crop',
-      normalize='imagenet', shuffle_buffer=50_000))
+      normalize='imagenet', shuffle_buffer=50_000,
+      # folder:PATH only: the share of each class held out when PATH has no val/ folder,
+      # and the share of undecodable images that is skipped (more is an error).
+      val_fraction=0.1, max_unreadable_fraction=0.01))
   config.data.update(data)
   # Path of pretrained weights (.pth/.npz/.safetensors/orbax dir); '' = random init.
   config.init_from = ''

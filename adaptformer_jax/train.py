@@ -5,6 +5,7 @@ frozen parameters are constants to autodiff and carry no optimizer state.
 """
 import dataclasses
 import functools
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ import ml_collections
 import optax
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import class_names
 from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
@@ -30,6 +32,9 @@ from adaptformer_jax import pretrained
 from adaptformer_jax import sharding
 from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
+
+
+CONFUSION_FILE = 'confusion_matrix.png'
 
 
 @flax.struct.dataclass
@@ -247,14 +252,14 @@ def _num_frames(model_cfg: ml_collections.ConfigDict) -> int | None:
 
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
-  """The dataset info (its class count checked against the head) and the Trainer planned on it.
+  """The dataset info and the Trainer planned on it; `trainer.run.config` has the class
+  count resolved (model.num_classes=0: from the data) or checked against the data.
 
   Every job starts here, so here the whole config is validated, before any of it is used.
   """
   config_check.validate(config)
   info = data.info(config.data)
-  data.check_num_classes(info, config.model.num_classes)
-  return info, Trainer(Run(config), info.num_train)
+  return info, Trainer(Run(data.with_num_classes(config, info)), info.num_train)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -264,14 +269,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch split) is, first. The run owns the workdir (workdirs.Lock) until it returns.
   SIGTERM/SIGINT save the current step and raise Interrupted.
   """
-  _, trainer = setup(config)
+  info, trainer = setup(config)
+  config = trainer.run.config
   with workdirs.Lock(workdir):
     workdirs.prepare(config, workdir)
-    return _train(config, workdir, trainer)
+    class_names.record(workdir, info.class_names)
+    return _train(config, workdir, trainer, info)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           trainer: Trainer) -> dict[str, float]:
+def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
+           info: Any) -> dict[str, float]:
   """The loop of train_and_evaluate, in a prepared workdir it owns."""
   run, plan = trainer.run, trainer.plan
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
@@ -282,6 +289,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     state = trainer.initial_state()
   start = int(state.step)
   total = plan.total_steps
+  logging.info('Data %s: %d classes (%s), %d training and %d eval images.', config.data.name,
+               info.num_classes, _abbreviated(info.class_names), info.num_train, info.num_eval)
   logging.info('Training %s on %s: %d of %d trainable parameters, %d updates of %d images.',
                config.model.tuning, config.data.name, peft.count(state.params, run.mask),
                peft.count(state.params), plan.total_updates, config.batch_size)
@@ -329,14 +338,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         # Saved before the final evaluation: whatever happens there, the run is kept.
         if last or done % config.checkpoint_every_steps == 0 or stop:
           flush(done)  # the NaN guard runs before a step is saved
-          ckpt.save(done, state)
+          ckpt.save(done, state, class_names.metadata(info.class_names))
         evaluate_now = last or (config.eval_every_steps and
                                 done % config.eval_every_steps == 0)
         if evaluate_now:
           flush(done)
           eval_metrics = evaluate.evaluate(run.model, run.variables(state),
                                            eval_dataset(config, run))
-          writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
+          writer.write(done, {f'eval/{k}': v for k, v in evaluate.scalars(eval_metrics).items()})
         if stop:  # the save completes in ckpt.close() below
           raise interrupts.Interrupted(stop[0], done, workdir)
     if eval_metrics is None:  # resumed after the last step: evaluate what is there
@@ -346,8 +355,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     progress.close()
     writer.close()
     ckpt.close()
+  write_confusion(workdir, eval_metrics, info.class_names)
   elapsed = time.perf_counter() - t0
   logging.info('Done: %s top-1 %.4f top-5 %.4f on %d images (%s, %d steps in %.0fs).',
                config.data.name, eval_metrics['top1'], eval_metrics['top5'],
                eval_metrics['count'], config.model.tuning, total - start, elapsed)
   return eval_metrics
+
+
+def write_confusion(workdir: str, result: dict[str, Any], names: list[str]) -> None:
+  """<workdir>/confusion_matrix.png of an `evaluate.evaluate` result (process 0)."""
+  if jax.process_index() == 0 and os.path.isdir(workdir):
+    metrics.write_confusion_png(os.path.join(workdir, CONFUSION_FILE), result['confusion'], names)
+
+
+def _abbreviated(names: list[str], shown: int = 8) -> str:
+  more = f', ... {len(names) - shown} more' if len(names) > shown else ''
+  return ', '.join(names[:shown]) + more

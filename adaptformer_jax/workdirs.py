@@ -35,14 +35,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
   Only a checkpoint makes a workdir hold a run: until the first one, a restart may
   change anything (e.g. fix the init_from that failed to load) and rewrites config.json.
   """
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise _not_writable(workdir, e) from None
+  check_writable(workdir, '--workdir')
   if checkpoint.latest_step(workdir) is None:
     if jax.process_index() == 0:
       path = os.path.join(workdir, CONFIG_FILE)
@@ -62,6 +55,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
                     + '; '.join(conflicts) + '); use a new --workdir or the same config.')
   for change in changes:
     logging.warning('Resuming with a changed setting: %s', change)
+
+
+def check_writable(directory: str, flag: str) -> None:
+  """Creates `directory`; a UserError naming `flag` if it cannot be written."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, '.write_test')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise _not_writable(directory, e, flag) from None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -121,8 +126,8 @@ class Lock:
       self._fd = None
 
 
-def _not_writable(workdir, error):
-  return UserError(f'--workdir {workdir} is not writable ({error.strerror}); choose '
+def _not_writable(directory, error, flag='--workdir'):
+  return UserError(f'{flag} {directory} is not writable ({error.strerror}); choose '
                    'another directory.')
 
 

@@ -87,3 +87,63 @@ def mock_tfds_metadata(data_dir, name, num_examples, splits=('train', 'test')):
 def data_dir(tmp_path_factory):
   """One prepared copy of the embedded dataset for the whole session."""
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+COLORS = {'blue': (30, 60, 200), 'green': (40, 180, 60), 'red': (200, 40, 40)}  # class -> mean RGB
+
+
+def write_image(path, color, size=(16, 16), mode='RGB', seed=0):
+  """A real image file, noisy around `color` (RGB); the format follows the suffix."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  w, h = size
+  tint = rng.uniform(-20, 20, 3)
+  pixels = np.clip(np.add(color, tint) + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+  image = Image.fromarray(pixels)
+  if mode == 'RGBA':
+    image.putalpha(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)))
+  elif mode != 'RGB':
+    image = image.convert(mode)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image.save(path)
+  return path
+
+
+def make_image_folder(root, per_class=8, mixed=True):
+  """root/<class>/... for COLORS; with `mixed`, files of every format, mode and wildly
+  different sizes, one corrupt JPEG, one non-image named .png and an ignored notes.txt.
+
+  Returns {path: class} of the readable images.
+  """
+  kinds = [('.png', 'RGB', (16, 16)), ('.jpg', 'RGB', (24, 16))]
+  if mixed:
+    kinds += [('.png', 'L', (3, 90)), ('.jpg', 'L', (120, 7)), ('.bmp', 'RGB', (40, 30)),
+              ('.gif', 'P', (16, 16)), ('.webp', 'RGB', (33, 17)), ('.png', 'P', (640, 480))]
+  images = {}
+  for c, (name, color) in enumerate(sorted(COLORS.items())):
+    for i in range(per_class):
+      suffix, mode, size = kinds[i % len(kinds)]
+      if mixed and c == 0 and i == 0:
+        suffix, mode = '.png', 'RGBA'
+      path = os.path.join(root, name, f'{i:02d}{suffix}')
+      images[write_image(path, color, size, mode, seed=100 * c + i)] = name
+  if mixed:
+    with open(os.path.join(root, 'blue', 'corrupt.jpg'), 'wb') as f:
+      with open(next(p for p in images if p.endswith('.jpg')), 'rb') as src:
+        f.write(src.read()[:200])  # a truncated JPEG
+    with open(os.path.join(root, 'green', 'not_an_image.png'), 'w') as f:
+      f.write('this is text\n')
+    with open(os.path.join(root, 'red', 'notes.txt'), 'w') as f:
+      f.write('ignored: no image extension\n')
+  return images
+
+
+def folder_data_cfg(root, **overrides):
+  """The data config of a folder dataset at 16 px, unnormalised."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = dict(name=f'folder:{root}', data_dir=None, train_split='train', eval_split='val',
+             train_pp='resize', eval_pp='resize', normalize='none', shuffle_buffer=50_000,
+             val_fraction=0.25, max_unreadable_fraction=0.1)
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)

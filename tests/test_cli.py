@@ -18,6 +18,7 @@ from adaptformer_jax import data
 from adaptformer_jax import train
 from adaptformer_jax import workdirs
 from conftest import tiny_run_config
+from conftest import write_image
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
@@ -90,6 +91,12 @@ CASES = {
     'adapters_from_another_model': ('new', ['--mode=eval', '--adapters={adapters}'],
                                     'trained for another model (width: adapters 64'),
     'workdir_not_writable': ('under_file', [], 'is not writable'),
+    'folder_missing': ('new', ['--config.data.name=folder:{missing}'], 'missing does not exist'),
+    'folder_one_class': ('new', ['--config.data.name=folder:{one_class}'],
+                         "only the class folder 'cats'; a classifier needs at least two"),
+    'predict_without_images': ('trained', ['--mode=predict'], 'needs --images PATH'),
+    'predict_missing_image': ('trained', ['--mode=predict', '--images={missing}'],
+                              'missing: no such file or directory'),
 }
 TWO_DEVICES = {'batch_vs_devices'}
 
@@ -104,6 +111,9 @@ def inputs(tmp_path_factory, data_dir):
   paths['config'] = write_config(root / 'tiny.py', data_dir)
   paths['truncated'] = str(root / 'truncated.safetensors')
   paths['file'] = str(root / 'a_file')
+  paths['missing'] = str(root / 'missing')
+  paths['one_class'] = str(root / 'one')
+  write_image(str(root / 'one' / 'cats' / '0.png'), (9, 9, 9))
   trainer = train.Trainer(train.Run(config))
   workdirs.prepare(config, paths['trained'])
   ckpt = checkpoint.Checkpointer(paths['trained'])

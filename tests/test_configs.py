@@ -2,7 +2,8 @@
 
 The step keeps the config's data pipeline, head, tuning method and optimizer and
 shrinks only the model and the batch; tfds datasets are mocked
-(`tfds.testing.mock_data`), the embedded ones are built offline.
+(`tfds.testing.mock_data`), the embedded ones are built offline, and
+`configs/folder.py` gets a small folder of images.
 """
 import contextlib
 import pathlib
@@ -15,9 +16,11 @@ import tensorflow_datasets as tfds
 from adaptformer_jax import data
 from adaptformer_jax import sharding
 from adaptformer_jax import train
+from adaptformer_jax.data import folder
 from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import pipeline
 from adaptformer_jax.models import methods
+from conftest import make_image_folder
 from conftest import mock_tfds_metadata
 from conftest import shipped_config
 
@@ -34,6 +37,8 @@ def test_the_shipped_configs_are_all_here():
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_builds_its_model(name):
   config = shipped_config(name, 'adaptformer')
+  if config.model.num_classes == 0:  # configs/folder.py: from the data
+    config.model.num_classes = 3
   run = train.Run(config)  # validates the model config and every trainable rule
   trainable, total = run.param_counts()
   assert 0 < trainable <= total
@@ -87,13 +92,17 @@ def test_config_takes_one_train_step(name, tmp_path, data_dir):
   video_list = config.data.name == pipeline.VIDEO_LIST
   if video_list:
     _video_list(config, tmp_path)
+  elif folder.is_folder(config.data.name):
+    make_image_folder(str(tmp_path / 'images'), per_class=4, mixed=False)
+    config.data.name = f'folder:{tmp_path}/images'
+    embedded = True  # nothing to mock
   elif not embedded:
     mock_tfds_metadata(str(tmp_path), config.data.name, 16,
                        splits=(config.data.train_split, config.data.eval_split))
   with contextlib.nullcontext() if embedded or video_list else tfds.testing.mock_data(
       num_examples=16, data_dir=str(tmp_path)):
     info = data.info(config.data)
-    data.check_num_classes(info, config.model.num_classes)
+    config = data.with_num_classes(config, info)
     trainer = train.Trainer(train.Run(config), info.num_train)
     batch = next(data.train_iterator(
         config.data, image_size=config.model.image_size, global_batch=config.batch_size,

@@ -40,3 +40,20 @@ def test_top5_with_fewer_than_five_classes_is_always_a_hit():
            'mask': np.ones(3, np.float32)}
   result = evaluate.evaluate(Logits(), {}, [batch])
   assert (result['top1'], result['top5'], result['count']) == (0.0, 1.0, 3)
+
+
+def test_confusion_matrix_counts_each_real_example_once():
+  labels = np.array([0, 1, 2, 2, 1, 0], np.int32)
+  predicted = np.array([0, 2, 2, 1, 1, 1])
+  logits = np.eye(3, dtype=np.float32)[predicted]
+  mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # the last is padding
+  batches = [{'image': logits[i:i + 3], 'label': labels[i:i + 3], 'mask': mask[i:i + 3]}
+             for i in (0, 3)]
+  result = evaluate.evaluate(Logits(), {}, batches)
+  assert result['confusion'] == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
+  assert result['top1'] == 3 / 5
+  np.testing.assert_array_equal(evaluate.per_class_accuracy(result['confusion']), [1, 0.5, 0.5])
+  assert 'confusion' not in evaluate.scalars(result) and 'top5' in evaluate.scalars(result)
+  lines = evaluate.per_class_table(result['confusion'], ['cat', 'dog', 'fox']).splitlines()
+  assert [l.split() for l in lines] == [['class', 'top-1', 'images'], ['cat', '1.0000', '1'],
+                                        ['dog', '0.5000', '2'], ['fox', '0.5000', '2']]

@@ -1,5 +1,8 @@
-"""metrics: metrics.jsonl + TensorBoard rows, and the progress bar's throughput."""
+"""metrics: metrics.jsonl + TensorBoard rows, the progress bar's throughput, the confusion PNG."""
 import os
+
+import numpy as np
+from PIL import Image
 
 from adaptformer_jax import metrics
 
@@ -30,3 +33,13 @@ def test_progress_reports_images_per_second_since_the_last_update(monkeypatch):
   assert progress.update(6, loss=1.0) == 4 * 8 / 2.0  # 4 steps of 8 images in 2 s
   assert progress.update(7, loss=0.5) == 8 / 1.0
   progress.close()
+
+
+def test_confusion_png_is_a_readable_image(tmp_path):
+  for n in (3, 200):  # names and counts when they fit; a bare heat map otherwise
+    path = str(tmp_path / f'{n}.png')
+    metrics.write_confusion_png(path, np.eye(n, dtype=int) * 5, [f'class {i}' for i in range(n)])
+    with Image.open(path) as image:
+      pixels = np.asarray(image.convert('RGB'))
+    assert min(pixels.shape[:2]) >= n * 3
+    assert (pixels == [0, 0, 255]).all(-1).any()  # the diagonal: 100% of a class, darkest blue

@@ -1,4 +1,4 @@
-"""tfds input pipelines that yield globally sharded jax.Arrays.
+"""Input pipelines (tfds, video lists, image folders) that yield globally sharded jax.Arrays.
 
 Training data is a pure function of (seed, step): epoch e is the split shuffled
 with a seed derived from (seed, e), and each example's augmentation is seeded by
@@ -10,12 +10,20 @@ build themselves offline. Video datasets (a tfds `video` feature, e.g. ucf101, o
 data.name='video_list': official `<path> <label>` lists, see video_lists.py)
 take the same path with `num_frames` set; batches hold the model input under
 'image' either way: (B, H, W, 3) images or (B, T, H, W, 3) clips.
+
+A source -- a prepared tfds builder, a video list or `folder:PATH`
+(data/folder.py) -- only provides (encoded image/video or file path, label)
+records in file order, split sizes and a decoder; shuffling, splitting across
+processes, augmentation and batching are the same for all.
 """
 import collections
 import contextlib
+import copy
 import dataclasses
 import difflib
+import functools
 import itertools
+import os
 from collections.abc import Callable
 from collections.abc import Iterator
 
@@ -23,11 +31,13 @@ from absl import logging
 import jax
 from jax.sharding import NamedSharding
 import ml_collections
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from adaptformer_jax import sharding as sharding_lib
 from adaptformer_jax.data import embedded
+from adaptformer_jax.data import folder
 from adaptformer_jax.data import glyphs
 from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import preprocess
@@ -54,7 +64,7 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-  """Where examples come from: a prepared tfds builder or annotation lists."""
+  """Where examples come from: a prepared tfds builder, annotation lists or an image folder."""
   kind: str  # 'image' | 'video'
   class_names: list
   count: Callable[[str, str], int]               # (split, field) -> examples, all processes
@@ -64,7 +74,11 @@ class _Source:
 
 
 def _source(data_cfg):
-  return _list_source(data_cfg) if data_cfg.name == VIDEO_LIST else _tfds_source(data_cfg)
+  if data_cfg.name == VIDEO_LIST:
+    return _list_source(data_cfg)
+  if folder.is_folder(data_cfg.name):
+    return _folder_source(data_cfg)
+  return _tfds_source(data_cfg)
 
 
 def _model_source(data_cfg, num_frames):
@@ -91,9 +105,10 @@ def _tfds_source(data_cfg):
 
   return _Source(
       kind=key, class_names=list(builder.info.features['label'].names),
-      count=lambda split, field: _count(builder, split, field),
+      count=lambda split, field: _count(builder.name, builder.info.splits, split, field),
       process_counts=lambda split, field: [
-          _count(builder, s, field) for s in tfds.even_splits(split, n=jax.process_count())],
+          _count(builder.name, builder.info.splits, s, field)
+          for s in tfds.even_splits(split, n=jax.process_count())],
       records=records, decode=builder.info.features[key].decode_example)
 
 
@@ -153,7 +168,17 @@ def check_num_classes(dataset_info: DatasetInfo, model_num_classes: int) -> None
     raise UserError(
         f'model.num_classes={model_num_classes} but dataset '
         f'{dataset_info.name!r} has {dataset_info.num_classes} classes; set '
-        f'model.num_classes={dataset_info.num_classes}.')
+        f'model.num_classes={dataset_info.num_classes} (or 0: from the data).')
+
+
+def with_num_classes(config, dataset_info):
+  """`config` with model.num_classes taken from the data when it is 0 (a copy), else checked."""
+  if config.model.num_classes == 0:
+    config = copy.deepcopy(config)
+    config.model.num_classes = dataset_info.num_classes
+    return config
+  check_num_classes(dataset_info, config.model.num_classes)
+  return config
 
 
 def train_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
@@ -227,6 +252,33 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
                      num_batches)
 
 
+def image_batches(images, data_cfg, *, image_size, batch_size):
+  """(indices, images) numpy batches of `images` with the eval preprocessing.
+
+  `images` are file paths or uint8 (H, W[, C]) arrays. Files that do not decode
+  are left out of the batches: their indices are missing, and the stream goes on.
+  """
+  pp = preprocess.make(data_cfg.eval_pp, image_size=image_size,
+                       normalize=data_cfg.normalize, field='data.eval_pp')
+  key = tf.constant([0, 0], tf.int64)  # as eval_iterator: random ops stay fixed
+  if all(isinstance(x, (str, os.PathLike)) for x in images):
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant([os.fspath(p) for p in images]))
+    ds = ds.map(folder.decode, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    arrays = [np.asarray(x) for x in images]
+    for i, x in enumerate(arrays):
+      if x.dtype != np.uint8 or x.ndim not in (2, 3):
+        raise UserError(f'images[{i}]: expected a file path or a uint8 (H, W[, C]) array, '
+                        f'got {x.dtype} of shape {x.shape}.')
+    ds = tf.data.Dataset.from_generator(
+        lambda: (x if x.ndim == 3 else x[..., None] for x in arrays),
+        output_signature=tf.TensorSpec((None, None, None), tf.uint8))
+  ds = ds.enumerate().map(lambda i, image: (i, pp(image, key)),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  return _deterministic(ds).as_numpy_iterator()
+
+
 class EvalBatches:
   """Each `iter()` is a fresh pass; `len()` is the number of batches."""
 
@@ -291,6 +343,32 @@ def _decoded(ds, source, example):
   if source.kind == 'video':
     ds = ds.filter(lambda position, video, label: tf.shape(video)[0] > 0)
   return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _folder_source(data_cfg):
+  """`folder:PATH`: (file path, label) records; splits 'train' and 'val' take tfds slicing."""
+  images = folder.read(data_cfg.name, val_fraction=data_cfg.val_fraction,
+                       max_unreadable_fraction=data_cfg.max_unreadable_fraction)
+  splits = tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=s, shard_lengths=[len(images.paths[s])], num_bytes=0,
+                          filename_template=None) for s in folder.SPLITS])
+  count = lambda split, field: _count(f'folder {images.root}', splits, split, field)
+
+  def records(split):
+    parts = []
+    for part in tfds.core.ReadInstruction.from_spec(
+        _process_split(split)).to_absolute(splits):
+      window = slice(part.from_, part.to)
+      parts.append(tf.data.Dataset.from_tensor_slices(
+          (list(images.paths[part.splitname][window]),
+           tf.constant(images.labels[part.splitname][window], tf.int64))))
+    return functools.reduce(tf.data.Dataset.concatenate, parts)
+
+  return _Source(
+      kind='image', class_names=list(images.class_names), count=count,
+      process_counts=lambda split, field: [
+          count(s, field) for s in tfds.even_splits(split, n=jax.process_count())],
+      records=records, decode=folder.decode)
 
 
 def _builder(data_cfg):
@@ -360,18 +438,19 @@ def _configs(dataset):
   return f"; configs of {dataset!r}: {', '.join(configs)}"
 
 
-def _count(builder, split, field):
-  """Examples in `split`, or a UserError naming the field and the splits."""
-  splits = builder.info.splits
+def _count(name, splits, split, field):
+  """Examples in `split` of a SplitDict, or a UserError naming the field and the splits."""
   available = ', '.join(f'{s} ({splits[s].num_examples})' for s in splits)
   try:
-    num = splits[split].num_examples
+    num = sum((part.to if part.to is not None else splits[part.splitname].num_examples)
+              - (part.from_ or 0)
+              for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits))
   except (ValueError, KeyError, AssertionError) as e:
     reason = str(e).split('\n')[-1]
     raise UserError(
-        f'{field}: invalid split {split!r} for {builder.name} ({reason}); '
+        f'{field}: invalid split {split!r} for {name} ({reason}); '
         f"available splits: {available}; slices look like 'train[:90%]'.") from None
   if num <= 0:
-    raise UserError(f'{field}: split {split!r} of {builder.name} selects no '
+    raise UserError(f'{field}: split {split!r} of {name} selects no '
                     f'examples; available splits: {available}.')
   return num
