@@ -110,21 +110,23 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
     run, state, source = _restore(config, workdir, checkpoint_path)
     variables = run.variables(state)
   result = evaluate.evaluate(run.model, variables, train.eval_dataset(config, run))
-  if jax.process_index() == 0 and os.path.isdir(workdir):
-    _record(workdir, {**result, 'checkpoint': source})
-  train.write_confusion(workdir, result, names)
+  # The picture goes where the record goes: never into another run's or a read-only workdir.
+  if (jax.process_index() == 0 and os.path.isdir(workdir)
+      and _record(workdir, {**result, 'checkpoint': source})):
+    train.write_confusion(workdir, result, names)
   if per_class:
     print(evaluate.per_class_table(result['confusion'], names))
   return result
 
 
-def _record(workdir: str, record: dict[str, Any]) -> None:
+def _record(workdir: str, record: dict[str, Any]) -> bool:
+  """Writes <workdir>/eval.json where it belongs; False where it was not written."""
   path = os.path.join(workdir, EVAL_FILE)
   own = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if os.path.isdir(own) and os.path.dirname(record['checkpoint']) != own:
     logging.warning('%s not written: it records the checkpoints of this workdir, and %s '
                     'is not one of them.', path, record['checkpoint'])
-    return
+    return False
   try:
     with open(path + '.tmp', 'w') as f:
       json.dump(record, f)
@@ -132,6 +134,8 @@ def _record(workdir: str, record: dict[str, Any]) -> None:
   except OSError as e:
     logging.warning('%s not written (%s); the printed result is the only record.', path,
                     e.strerror)
+    return False
+  return True
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str,

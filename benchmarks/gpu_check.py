@@ -396,7 +396,7 @@ def pipeline_part(plan, out, deadline):
       crop = transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC)
       flip = transforms.RandomHorizontalFlip()
       augment, impl = lambda img: flip(crop(img)), 'PIL decode + torchvision RandomResizedCrop'
-    except ImportError:
+    except (ImportError, RuntimeError):  # RuntimeError: its compiled ops do not fit this torch
       def augment(img):
         # RandomResizedCrop's window (scale 0.08-1, ratio 3/4-4/3), clipped: for timing only.
         area = img.width * img.height * rng.uniform(0.08, 1.0)
