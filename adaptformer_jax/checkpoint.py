@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 
+from adaptformer_jax import files
 from adaptformer_jax import integrity
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.errors import UserError
@@ -263,10 +264,7 @@ def export_adapters(out_dir: str, variables: dict[str, Any], mask: Any,
   try:
     os.makedirs(out_dir, exist_ok=True)
     for name, content in ((ADAPTER_WEIGHTS, weights), (ADAPTER_CONFIG, config.encode())):
-      path = os.path.join(out_dir, name)
-      with open(path + '.tmp', 'wb') as f:
-        f.write(content)
-      os.replace(path + '.tmp', path)
+      files.write_atomic(os.path.join(out_dir, name), content)
   except OSError as e:
     raise UserError(f'--out {out_dir}: cannot write the export ({e.strerror}); choose a '
                     'writable directory with free space.') from None

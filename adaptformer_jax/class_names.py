@@ -9,6 +9,7 @@ from typing import Sequence
 import jax
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import files
 from adaptformer_jax.errors import UserError
 
 FILE = 'class_names.json'
@@ -30,10 +31,7 @@ def record(workdir: str, class_names: Sequence[str]) -> None:
     check(recorded, class_names, f'--workdir {workdir} holds a run of')
     return
   if jax.process_index() == 0:
-    path = os.path.join(workdir, FILE)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(list(class_names), f, indent=1)
-    os.replace(path + '.tmp', path)
+    files.write_atomic(os.path.join(workdir, FILE), json.dumps(list(class_names), indent=1))
 
 
 def read_workdir(workdir: str | None) -> list | None:

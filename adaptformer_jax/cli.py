@@ -98,7 +98,9 @@ def run(job: Callable[[], Any]) -> None:
   if not VERBOSE.value:
     logging.get_absl_handler().addFilter(lambda r: 'adaptformer_jax' in r.pathname)
   try:
-    job()
+    with interrupts.exit_on_sigint('interrupted: SIGINT received; stopped before the job '
+                                   'finished (no checkpoint was changed).'):
+      job()
   except UserError as e:
     if VERBOSE.value:
       raise
@@ -106,7 +108,3 @@ def run(job: Callable[[], Any]) -> None:
   except interrupts.Interrupted as e:
     print(f'interrupted: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
-  except KeyboardInterrupt:
-    print('interrupted: SIGINT received; stopped before the job finished (no checkpoint '
-          'was changed).', file=sys.stderr)
-    sys.exit(130)

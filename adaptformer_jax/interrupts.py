@@ -1,7 +1,9 @@
-"""SIGTERM/SIGINT during training: checkpoint the current step, then stop as if killed."""
+"""Signals: during training, checkpoint the current step and stop as if killed;
+anywhere else, Ctrl-C ends the job at once with status 130."""
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -47,3 +49,30 @@ def stop_requests() -> Iterator[list[int]]:
   finally:
     for signum, old in previous.items():
       signal.signal(signum, old)
+
+
+@contextlib.contextmanager
+def exit_on_sigint(message: str) -> Iterator[None]:
+  """SIGINT prints `message` to stderr and ends the process with status 130, at once.
+
+  Not Python's KeyboardInterrupt: that is raised wherever the main thread happens
+  to be, and inside a garbage-collection callback (JAX runs one) it is printed and
+  swallowed, so the job goes on. Stopping at any point loses nothing: every file
+  a job writes is written atomically (`files.write_atomic`, orbax's temporary
+  directories). Training installs its own checkpointing handler on top of this one.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    del signum, frame
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(130)  # pylint: disable=protected-access
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)

@@ -22,6 +22,7 @@ from adaptformer_jax import class_names
 from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
+from adaptformer_jax import files
 from adaptformer_jax import predict
 from adaptformer_jax import train
 from adaptformer_jax import workdirs
@@ -128,9 +129,7 @@ def _record(workdir: str, record: dict[str, Any]) -> bool:
                     'is not one of them.', path, record['checkpoint'])
     return False
   try:
-    with open(path + '.tmp', 'w') as f:
-      json.dump(record, f)
-    os.replace(path + '.tmp', path)
+    files.write_atomic(path, json.dumps(record))
   except OSError as e:
     logging.warning('%s not written (%s); the printed result is the only record.', path,
                     e.strerror)

@@ -5,7 +5,7 @@ image with its top-k classes.
 """
 import csv
 import functools
-import os
+import io
 from typing import Sequence
 
 import jax
@@ -14,6 +14,7 @@ import numpy as np
 import tqdm
 
 from adaptformer_jax import data
+from adaptformer_jax import files
 from adaptformer_jax import models
 from adaptformer_jax import sharding
 from adaptformer_jax.errors import UserError
@@ -67,29 +68,28 @@ def _placement(variables):
   return lambda x: x
 
 
-def write_csv(path: str, files: Sequence[str], probabilities: np.ndarray,
+def write_csv(path: str, paths: Sequence[str], probabilities: np.ndarray,
               class_names: Sequence[str], top_k: int) -> None:
   """`path,label,prob,label_2,prob_2,...`: each file's top-k classes, most likely first.
 
-  Written to a temporary file and renamed: an interrupted run leaves no half CSV.
+  Written atomically: an interrupted run leaves no half CSV.
   """
   top_k = min(top_k, len(class_names))
   header = ['path', 'label', 'prob']
   for k in range(2, top_k + 1):
     header += [f'label_{k}', f'prob_{k}']
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    for file, row in zip(files, probabilities):
-      if np.isnan(row).any():
-        writer.writerow([file, UNREADABLE, ''] + [''] * (2 * top_k - 2))
-        continue
-      cells = [file]
-      for c in top_classes(row, top_k):
-        cells += [class_names[c], f'{row[c]:.6f}']
-      writer.writerow(cells)
-  os.replace(tmp, path)
+  out = io.StringIO(newline='')
+  writer = csv.writer(out)
+  writer.writerow(header)
+  for file, row in zip(paths, probabilities):
+    if np.isnan(row).any():
+      writer.writerow([file, UNREADABLE, ''] + [''] * (2 * top_k - 2))
+      continue
+    cells = [file]
+    for c in top_classes(row, top_k):
+      cells += [class_names[c], f'{row[c]:.6f}']
+    writer.writerow(cells)
+  files.write_atomic(path, out.getvalue())
 
 
 def top_classes(probabilities: np.ndarray, k: int) -> np.ndarray:

@@ -19,6 +19,7 @@ import ml_collections
 
 from adaptformer_jax import checkpoint
 from adaptformer_jax import config_check
+from adaptformer_jax import files
 from adaptformer_jax.errors import UserError
 
 CONFIG_FILE = 'config.json'
@@ -38,10 +39,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
   check_writable(workdir, '--workdir')
   if checkpoint.latest_step(workdir) is None:
     if jax.process_index() == 0:
-      path = os.path.join(workdir, CONFIG_FILE)
-      with open(path + '.tmp', 'w') as f:  # a kill mid-write leaves the old file whole
-        f.write(config.to_json(indent=2))
-      os.replace(path + '.tmp', path)
+      files.write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=2))
     return
   saved = _flat(load_config(workdir).to_dict())
   conflicts, changes = [], []

@@ -696,12 +696,7 @@ def cli_outcomes(trained, cli_env, tmp_path_factory):
 # Known bug, kept visible: a SIGINT that lands inside jax's gc callback during eval is
 # swallowed there ("Exception ignored in _xla_gc_callback ... KeyboardInterrupt") instead
 # of ending the job with 'interrupted: SIGINT' (seen in a CI dry run, 1 of 3 runs).
-_KNOWN_BUGS = {'ctrl_c_during_eval': 'SIGINT can land in jax._xla_gc_callback and be swallowed'}
-
-
-@pytest.mark.parametrize('name', [
-    pytest.param(n, marks=pytest.mark.xfail(reason=_KNOWN_BUGS[n], strict=False))
-    if n in _KNOWN_BUGS else n for n in CLI_CASES])
+@pytest.mark.parametrize('name', CLI_CASES)
 def test_cli_case(name, cli_outcomes):
   outcome = cli_outcomes[name]
   if isinstance(outcome, BaseException):
