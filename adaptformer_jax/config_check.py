@@ -87,6 +87,10 @@ def anything(v):
   del v
 
 
+class Absent(dict):
+  """A section that may be missing (or null); when present, checked like any other."""
+
+
 POSITIVE = integer(at_least=1)
 
 MODEL = {
@@ -109,6 +113,9 @@ MODEL = {
     'trainable': regexes, 'dtype': string(), 'frozen_dtype': string(),
     'attention': string(),
     'remat': anything,  # presets.validate knows its spellings
+    # Masked-autoencoder pre-training (models.mae); absent for a classifier.
+    'mae': Absent({'mask_ratio': number(0, 1, low_open=True), 'decoder_width': POSITIVE,
+                   'decoder_depth': POSITIVE, 'decoder_heads': POSITIVE}),
 }
 
 SCHEMA = {
@@ -169,6 +176,8 @@ def _check(values, schema, prefix):
     name = prefix + key
     if not name.startswith(('model', 'data', 'config.')):
       name = 'config.' + name  # as the README and the other messages name loop settings
+    if isinstance(check, Absent) and values.get(key) is None:
+      continue
     if key not in values:
       found.append(f'{name}: missing')
     elif isinstance(check, dict):

@@ -9,13 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adaptformer_jax import models
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def eval_step(model: nn.Module, variables: dict[str, Any],
               batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Masked sums of top-1/top-5 hits and loss, and the confusion counts, of one batch."""
+  """Masked sums of top-1/top-5 hits and loss, and the confusion counts, of one batch
+  (of a pre-training model: its loss)."""
+  mask = batch['mask'].astype(jnp.float32)
+  if models.is_pretraining(model):
+    # The same hidden patches at every evaluation: losses of two steps compare.
+    loss = model.apply(variables, batch['image'], train=False,
+                       rngs={'mask': jax.random.key(0)})
+    return {'loss': jnp.sum(loss * mask), 'count': jnp.sum(mask)}
   logits = model.apply(variables, batch['image'], train=False)
-  labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
+  labels = batch['label']
   k = min(5, logits.shape[-1])
   top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -29,7 +38,8 @@ def eval_step(model: nn.Module, variables: dict[str, Any],
 
 def evaluate(model: nn.Module, variables: dict[str, Any],
              dataset: Iterable[dict[str, jax.Array]]) -> dict[str, Any]:
-  """Top-1, top-5, mean loss and the confusion matrix of `model` over `dataset`.
+  """Top-1, top-5, mean loss and the confusion matrix of `model` over `dataset`
+  (a pre-training model: mean loss only).
 
   `confusion[i][j]` counts examples of class i predicted as class j (a list of
   lists, so the result stays JSON); the other values are scalars.
@@ -39,10 +49,21 @@ def evaluate(model: nn.Module, variables: dict[str, Any],
     sums = eval_step(model, variables, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-  count = float(totals['count'])
-  return {'top1': float(totals['top1']) / count, 'top5': float(totals['top5']) / count,
-          'loss': float(totals['loss']) / count, 'count': int(count),
-          'confusion': np.rint(totals['confusion']).astype(int).tolist()}
+  count = float(totals.pop('count'))
+  confusion = totals.pop('confusion', None)
+  result = {k: float(v) / count for k, v in totals.items()}
+  result['count'] = int(count)
+  if confusion is not None:
+    result['confusion'] = np.rint(confusion).astype(int).tolist()
+  return result
+
+
+def describe(result: dict[str, Any]) -> str:
+  """One line for an `evaluate` result: top-1 and top-5, or the pre-training loss."""
+  if 'top1' in result:
+    return (f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+            f"({result['count']} images)")
+  return f"loss {result['loss']:.4f}  ({result['count']} images)"
 
 
 def scalars(result):

@@ -23,10 +23,12 @@ from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
 from adaptformer_jax import files
+from adaptformer_jax import models
 from adaptformer_jax import predict
 from adaptformer_jax import train
 from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.models import mae
 
 EVAL_FILE = 'eval.json'
 PREDICTIONS_FILE = 'predictions.csv'
@@ -139,13 +141,15 @@ def _record(workdir: str, record: dict[str, Any]) -> bool:
 
 def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
            checkpoint_path: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-  """Export job: writes the trainable leaves of the latest checkpoint to out_dir.
+  """Export job: writes the trainable leaves of the latest checkpoint to out_dir
+  (of a pre-training run: the encoder, which downstream models load).
 
   A different export already in out_dir is replaced only with `overwrite`.
   """
   config, names = model_config(config, workdir, checkpoint_path)
   run, state, source = _restore(config, workdir, checkpoint_path)
-  return checkpoint.export_adapters(out_dir, run.variables(state), run.mask, config.model,
+  mask = mae.encoder_mask(run.mask) if models.is_pretraining(run.model) else run.mask
+  return checkpoint.export_adapters(out_dir, run.variables(state), mask, config.model,
                                     names, source=source, overwrite=overwrite)
 
 

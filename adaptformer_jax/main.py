@@ -33,6 +33,7 @@ flags.DEFINE_integer('process_id', -1, 'Multi-host: index of this process.')
 def job(config: ml_collections.ConfigDict | None, images: list[str]) -> None:
   """The --mode job on `config` (None: the workdir's saved config, for eval/export/predict)."""
   # pylint: disable=g-import-not-at-top  # JAX and TF load only once the flags are good
+  from adaptformer_jax import evaluate
   from adaptformer_jax import jobs
   from adaptformer_jax import sharding
   from adaptformer_jax import train
@@ -51,8 +52,7 @@ def job(config: ml_collections.ConfigDict | None, images: list[str]) -> None:
   elif FLAGS.mode == 'eval':
     result = jobs.evaluate_workdir(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.adapters,
                                    FLAGS.per_class)
-    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
-          f"({result['count']} images)")
+    print(evaluate.describe(result))
   elif FLAGS.mode == 'predict':
     jobs.predict_files(config, FLAGS.workdir, images, out=FLAGS.out, top_k=FLAGS.top_k,
                        checkpoint_path=FLAGS.checkpoint, adapters=FLAGS.adapters)

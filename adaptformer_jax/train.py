@@ -126,21 +126,31 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module,
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, mask: Any, seed: int,
                label_smoothing: float) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One micro-batch: forward, input/adapter gradients, (accumulated) SGD update."""
+  """One micro-batch: forward, input/adapter gradients, (accumulated) SGD update.
+
+  A classifier's loss is the (label-smoothed) cross-entropy; a pre-training model
+  (models.mae) returns each image's loss itself.
+  """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  pretraining = models.is_pretraining(model)
 
   def loss_fn(params):
     variables = {'params': peft.stop_frozen_gradients(params, mask)}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
-    logits, new_vars = model.apply(variables, batch['image'], train=True,
-                                   mutable=['batch_stats'], rngs={'dropout': rng})
+    outputs, new_vars = model.apply(
+        variables, batch['image'], train=True, mutable=['batch_stats'],
+        rngs={'dropout': rng, 'mask': jax.random.fold_in(rng, 1)})
+    new_stats = new_vars.get('batch_stats', state.batch_stats)
+    if pretraining:
+      return outputs.mean(), ({}, new_stats)
     targets = optax.smooth_labels(
-        jax.nn.one_hot(batch['label'], logits.shape[-1]), label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
-    return loss, (logits, new_vars.get('batch_stats', state.batch_stats))
+        jax.nn.one_hot(batch['label'], outputs.shape[-1]), label_smoothing)
+    loss = optax.softmax_cross_entropy(outputs, targets).mean()
+    accuracy = jnp.mean(jnp.argmax(outputs, -1) == batch['label'])
+    return loss, ({'accuracy': accuracy}, new_stats)
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (loss, (step_metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
@@ -150,8 +160,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   state = state.replace(step=state.step + 1, params=params,
                         batch_stats=keep(batch_stats, state.batch_stats),
                         opt_state=opt_state)
-  return state, {'loss': loss, 'finite': finite,
-                 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+  return state, {'loss': loss, 'finite': finite, **step_metrics}
 
 
 class Run:
@@ -319,10 +328,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
           "Lower config.optimizer.base_lr or set config.nonfinite='skip'.")
     skipped += len(bad)
     good = [m for m in fetched if m['finite']] or fetched
-    loss = sum(float(m['loss']) for m in good) / len(good)
-    acc = sum(float(m['accuracy']) for m in good) / len(good)
-    rate = progress.update(step, loss=loss)
-    writer.write(step, {'train/loss': loss, 'train/accuracy': acc, 'img_per_s': rate,
+    means = {f'train/{k}': sum(float(m[k]) for m in good) / len(good)
+             for k in good[0] if k != 'finite'}
+    rate = progress.update(step, loss=means['train/loss'])
+    writer.write(step, {**means, 'img_per_s': rate,
                         'lr': float(trainer.schedule(step // plan.accum_steps)),
                         'skipped_nonfinite': skipped})
 
@@ -357,15 +366,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
     ckpt.close()
   write_confusion(workdir, eval_metrics, info.class_names)
   elapsed = time.perf_counter() - t0
-  logging.info('Done: %s top-1 %.4f top-5 %.4f on %d images (%s, %d steps in %.0fs).',
-               config.data.name, eval_metrics['top1'], eval_metrics['top5'],
-               eval_metrics['count'], config.model.tuning, total - start, elapsed)
+  logging.info('Done: %s %s (%s, %d steps in %.0fs).', config.data.name,
+               evaluate.describe(eval_metrics), config.model.tuning, total - start, elapsed)
   return eval_metrics
 
 
 def write_confusion(workdir: str, result: dict[str, Any], names: list[str]) -> None:
   """<workdir>/confusion_matrix.png of an `evaluate.evaluate` result (process 0)."""
-  if jax.process_index() == 0 and os.path.isdir(workdir):
+  if jax.process_index() == 0 and os.path.isdir(workdir) and 'confusion' in result:
     metrics.write_confusion_png(os.path.join(workdir, CONFUSION_FILE), result['confusion'], names)
 
 

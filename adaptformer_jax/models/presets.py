@@ -5,10 +5,12 @@ checkpoint loading, the trainable mask and the workdir's saved config.
 """
 from typing import Any
 
+import flax.linen as nn
 import ml_collections
 
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.errors import did_you_mean
+from adaptformer_jax.models import mae
 from adaptformer_jax.models import methods
 from adaptformer_jax.models import vit
 
@@ -224,6 +226,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.vpt.num_tokens: must be > 0, got {cfg.vpt.num_tokens}.')
   if cfg.lora.rank <= 0:
     raise ConfigError(f'model.lora.rank: must be > 0, got {cfg.lora.rank}.')
+  if cfg.get('mae') is not None:
+    mae.validate(cfg)
   methods.parse(cfg.tuning)
 
 
@@ -240,8 +244,17 @@ def token_grid(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
       model_cfg.num_frames // model_cfg.tubelet, side, side)
 
 
-def build(model_cfg: ml_collections.ConfigDict) -> vit.VisionTransformer:
-  """The Flax module for a model ConfigDict (validated first)."""
+def build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
+  """The Flax module for a model ConfigDict (validated first): the ViT classifier, or
+  with a `mae` section its masked-autoencoder pre-training (models.mae)."""
   validate(model_cfg)
-  return vit.VisionTransformer(cfg=ml_collections.FrozenConfigDict(model_cfg))
+  frozen = ml_collections.FrozenConfigDict(model_cfg)
+  if model_cfg.get('mae') is not None:
+    return mae.MaskedAutoencoder(cfg=frozen)
+  return vit.VisionTransformer(cfg=frozen)
+
+
+def is_pretraining(model: nn.Module) -> bool:
+  """Whether `model` returns each image's pre-training loss rather than logits."""
+  return isinstance(model, mae.MaskedAutoencoder)
 
