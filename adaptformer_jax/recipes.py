@@ -41,7 +41,10 @@ def base(model_cfg: ml_collections.ConfigDict, data_name: str,
       normalize='imagenet', shuffle_buffer=50_000,
       # folder:PATH only: the share of each class held out when PATH has no val/ folder,
       # and the share of undecodable images that is skipped (more is an error).
-      val_fraction=0.1, max_unreadable_fraction=0.01))
+      val_fraction=0.1, max_unreadable_fraction=0.01,
+      # Video models: temporal clips x spatial crops per eval video, logits averaged
+      # (the official test_num_segment x test_num_crop); 1 x 1 is one central view.
+      eval_clips=1, eval_crops=1))
   config.data.update(data)
   # Path of pretrained weights (.pth/.npz/.safetensors/orbax dir); '' = random init.
   config.init_from = ''
@@ -94,8 +97,8 @@ def official_video(config_name: str, num_classes: int,
                 shuffle_buffer=10_000)
   config.data.update(dict(
       num_classes=num_classes, video_root='', frame_sampling='dense', frame_stride=4,
-      train_split='train.csv', eval_split='val.csv'))
+      train_split='train.csv', eval_split='val.csv', eval_clips=4, eval_crops=3))
   config.num_epochs = 90
   config.warmup_epochs = 10
-  config.eval_batch_size = 64
+  config.eval_batch_size = 16
   return config

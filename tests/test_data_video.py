@@ -29,13 +29,6 @@ def _cfg(data_dir, **overrides):
   return ml_collections.ConfigDict(cfg)
 
 
-@pytest.fixture(scope='module')
-def video_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('tfds'))
-  data.info(_cfg(root))  # builds it offline
-  return root
-
-
 def _centres(video):
   """(T, 2) centre of mass of each frame's pixels."""
   rows, cols = np.indices(video.shape[1:3])
