@@ -143,6 +143,17 @@ def short_side_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
   return center_crop(image, None, size, crop)
 
 
+def shuffle_frames(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """A clip's frames in a random order (a video's frames are stacked along the
+  channels, 3 each; an image is one frame, left as it is): pre-training on it
+  keeps a backbone from learning anything from the order of frames."""
+  del size
+  shape = tf.shape(image)
+  frames = tf.reshape(image, [shape[0], shape[1], -1, 3])
+  order = tf.argsort(tf.random.stateless_uniform([tf.shape(frames)[2]], seed))
+  return tf.reshape(tf.gather(frames, order, axis=2), shape)
+
+
 def center_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
                 crop: tuple[int, int] | None = None) -> tf.Tensor:
   """torchvision CenterCrop: crops, or zero-pads an image smaller than size.
@@ -168,7 +179,7 @@ def center_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
 
 OPS = {op.__name__: op for op in (random_resized_crop, flip, pad_crop, resize,
                                   resize_center_crop, center_crop, multi_scale_crop,
-                                  short_side_center_crop)}
+                                  short_side_center_crop, shuffle_frames)}
 SIZING_OPS = ('random_resized_crop', 'pad_crop', 'resize', 'resize_center_crop',
               'center_crop', 'multi_scale_crop', 'short_side_center_crop')
 
