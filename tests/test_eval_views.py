@@ -1,6 +1,7 @@
 """Multi-clip x multi-crop video evaluation (data.eval_clips x data.eval_crops): the
 official test's views, each video scored on the mean of its views' logits; 1 x 1
 is the single central view it always was; bad settings fail in config_check."""
+import json
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
 from adaptformer_jax import models
+from adaptformer_jax import workdirs
 from adaptformer_jax.data import preprocess
 from adaptformer_jax.errors import ConfigError
+from adaptformer_jax.errors import UserError
 from conftest import shipped_config
 from conftest import tiny_run_config
 
@@ -223,3 +226,19 @@ def test_views_shard_over_devices_and_pad_as_single_views(video_dir):
   result = subprocess.run([sys.executable, '-c', TWO_DEVICES, video_dir], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
   assert 'TWO_DEVICES_OK' in result.stdout, result.stderr[-3000:]
+
+
+def test_a_run_resumes_with_other_eval_views(tmp_path, monkeypatch):
+  """Views are an eval setting: a run from before the fields existed (or with other
+  counts) resumes with them changed; a model change still conflicts."""
+  config = shipped_config('ssv2', 'adaptformer')
+  saved = config.to_dict()
+  del saved['data']['eval_clips'], saved['data']['eval_crops']
+  (tmp_path / workdirs.CONFIG_FILE).write_text(json.dumps(saved))
+  monkeypatch.setattr(workdirs.checkpoint, 'latest_step', lambda workdir: 1)
+  workdirs.prepare(config, str(tmp_path))  # 4 x 3 where the saved run had none
+  config.data.eval_clips = 2
+  workdirs.prepare(config, str(tmp_path))
+  config.model.width = 384
+  with pytest.raises(UserError, match=r'model.width: 768 -> 384'):
+    workdirs.prepare(config, str(tmp_path))
