@@ -12,8 +12,8 @@ features; AdaptFormer's adapters sit in every block and can build the
 order-dependent features the backbone lacks. No flips: a flip would swap
 'left' and 'right' (the SSv2 rule).
 
-What it shows, measured (README, "Video"): adapters beat the probe by ~0.2
-top-1 and full fine-tuning by ~0.05 more, but the probe stays far above chance
+What it shows, measured (README, "Video"): adapters beat the probe by ~0.15
+top-1 and full fine-tuning beats adapters by ~0.05, but the probe stays far above chance
 (0.25): the frozen features are not order-invariant. On a bounded canvas the
 side a digit starts on tells its direction, and "digit on the left at an early
 time" is a per-token cue the frozen nonlinearity exposes after pooling. Wrap-
