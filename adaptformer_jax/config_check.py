@@ -87,8 +87,12 @@ def anything(v):
   del v
 
 
-class Absent(dict):
-  """A section that may be missing (or null); when present, checked like any other."""
+class IfPresent:
+  """A field that configs written before it existed may lack, or a section only some
+  models have (missing or null); checked like any other where it is there."""
+
+  def __init__(self, check: Check | dict):
+    self.check = check
 
 
 POSITIVE = integer(at_least=1)
@@ -114,7 +118,7 @@ MODEL = {
     'attention': string(),
     'remat': anything,  # presets.validate knows its spellings
     # Masked-autoencoder pre-training (models.mae); absent for a classifier.
-    'mae': Absent({'mask_ratio': number(0, 1, low_open=True), 'decoder_width': POSITIVE,
+    'mae': IfPresent({'mask_ratio': number(0, 1, low_open=True), 'decoder_width': POSITIVE,
                    'decoder_depth': POSITIVE, 'decoder_heads': POSITIVE}),
 }
 
@@ -123,7 +127,9 @@ SCHEMA = {
     'data': {'name': string(), 'data_dir': string(optional=True), 'train_split': string(),
              'eval_split': string(), 'train_pp': string(), 'eval_pp': string(),
              'normalize': string(), 'shuffle_buffer': POSITIVE,
-             'val_fraction': number(0, 1), 'max_unreadable_fraction': number(0, 1)},
+             'val_fraction': number(0, 1), 'max_unreadable_fraction': number(0, 1),
+             # Video eval views per clip (official test_num_segment x test_num_crop).
+             'eval_clips': IfPresent(POSITIVE), 'eval_crops': IfPresent(POSITIVE)},
     'init_from': string(), 'init_dont_load': regexes, 'seed': integer(),
     'batch_size': POSITIVE, 'accum_steps': POSITIVE, 'model_parallel': POSITIVE,
     'eval_batch_size': POSITIVE, 'num_epochs': POSITIVE,
@@ -152,6 +158,8 @@ def problems(config: Any) -> list[str]:
   if not set(config) & set(SCHEMA):
     return [f"holds none of a run config's fields ({', '.join(list(SCHEMA)[:4])}, ...)"]
   found = _check(config, SCHEMA, '')
+  if not found:
+    found += _views(config)
   if not any(p.startswith('model') for p in found):
     try:
       model = ml_collections.ConfigDict(config['model'])
@@ -176,8 +184,10 @@ def _check(values, schema, prefix):
     name = prefix + key
     if not name.startswith(('model', 'data', 'config.')):
       name = 'config.' + name  # as the README and the other messages name loop settings
-    if isinstance(check, Absent) and values.get(key) is None:
-      continue
+    if isinstance(check, IfPresent):
+      if key not in values or (values[key] is None and isinstance(check.check, dict)):
+        continue
+      check = check.check
     if key not in values:
       found.append(f'{name}: missing')
     elif isinstance(check, dict):
@@ -190,6 +200,44 @@ def _check(values, schema, prefix):
       if why:
         found.append(f'{name}: {why}, got {values[key]!r}')
   return found
+
+
+# data/preprocess.py's ops that take `crop=(j, n)`: what data.eval_crops moves.
+CROP_OPS = ('center_crop', 'short_side_center_crop', 'resize_center_crop')
+
+
+def check_views(clips: int, crops: int, ops: Any, *, video: bool, train: bool = False,
+                field: str = 'data.eval_pp') -> None:
+  """A ConfigError unless `clips` x `crops` eval views can be taken: positive
+  counts, a video model for more than one, evaluation, and a crop among the
+  `ops` (an op string or its op names) when crops > 1."""
+  for name, value in (('eval_clips', clips), ('eval_crops', crops)):
+    if not _is_int(value) or value < 1:
+      raise ConfigError(f'data.{name}: must be an integer >= 1, got {value!r}.')
+  if clips * crops == 1:
+    return
+  if not video:
+    raise ConfigError(f'data.eval_clips={clips}, data.eval_crops={crops}: several views '
+                      'of an example are a video evaluation; set both to 1 for an image model.')
+  if train:
+    raise ConfigError('data.eval_clips/eval_crops: several views are for evaluation only.')
+  names = [op.strip() for op in ops.split('|')] if isinstance(ops, str) else list(ops)
+  if crops > 1 and not set(names) & set(CROP_OPS):
+    raise ConfigError(
+        f'data.eval_crops={crops}: {field}={"|".join(names)!r} has no crop to move, so '
+        f"every crop would be the same view; use one of {', '.join(CROP_OPS)} (e.g. "
+        "'short_side_center_crop', the official video eval) or data.eval_crops=1.")
+
+
+def _views(config):
+  """data.eval_clips x eval_crops against the model and data.eval_pp."""
+  data = config['data']
+  try:
+    check_views(data.get('eval_clips', 1), data.get('eval_crops', 1), data['eval_pp'],
+                video=config['model'].get('patch_embed') == 'tubelet')
+  except ConfigError as e:
+    return [str(e).rstrip('.')]
+  return []
 
 
 def _kind(value):

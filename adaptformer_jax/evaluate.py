@@ -1,4 +1,10 @@
-"""Evaluation over padded batches: every example counts exactly once."""
+"""Evaluation over padded batches: every example counts exactly once.
+
+A batch with 'views' (B, V, ...) instead of 'image' (the official multi-clip x
+multi-crop video test, data.eval_clips x data.eval_crops) is scored on the mean
+of each video's V view logits, as the official `merge` averages the saved
+outputs per video before its top-1/top-5; the loss is that of the mean logits.
+"""
 import functools
 from collections.abc import Iterable
 from typing import Any
@@ -23,7 +29,12 @@ def eval_step(model: nn.Module, variables: dict[str, Any],
     loss = model.apply(variables, batch['image'], train=False,
                        rngs={'mask': jax.random.key(0)})
     return {'loss': jnp.sum(loss * mask), 'count': jnp.sum(mask)}
-  logits = model.apply(variables, batch['image'], train=False)
+  if 'views' in batch:  # one view of every video at a time: the memory of one batch
+    per_view = jax.lax.map(lambda views: model.apply(variables, views, train=False),
+                           jnp.moveaxis(batch['views'], 1, 0))
+    logits = per_view.mean(axis=0)
+  else:
+    logits = model.apply(variables, batch['image'], train=False)
   labels = batch['label']
   k = min(5, logits.shape[-1])
   top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)

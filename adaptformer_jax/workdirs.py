@@ -27,7 +27,8 @@ LOCK_FILE = '.lock'
 # Fields that may change when a run resumes; anything else is a conflict.
 RESUMABLE_FIELDS = ('num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
                     'checkpoint_every_steps', 'keep_checkpoints', 'progress',
-                    'eval_batch_size', 'nonfinite', 'model_parallel')
+                    'eval_batch_size', 'nonfinite', 'model_parallel',
+                    'data.eval_clips', 'data.eval_crops')
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -46,7 +47,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
   for key, value in _flat(config.to_dict()).items():
     old = saved.get(key, '<absent>')
     if old != value:
-      (changes if key.split('.')[0] in RESUMABLE_FIELDS else conflicts).append(
+      resumable = key in RESUMABLE_FIELDS or key.split('.')[0] in RESUMABLE_FIELDS
+      (changes if resumable else conflicts).append(
           f'{key}: {old!r} -> {value!r}')
   if conflicts:
     raise UserError(f'--workdir {workdir} holds a run with a different config ('

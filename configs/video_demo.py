@@ -1,15 +1,30 @@
 """Offline video transfer on `moving_digits`: which digit moves -> where it moves.
 
-A 4-block VideoMAE-style ViT on 8-frame 32 px clips is pre-trained to name the
-moving digit, a task one frame answers, then adapted to the direction of motion,
-which no single frame shows. A linear probe must read the direction off frozen
-features trained to ignore it; AdaptFormer's adapters (and full fine-tuning) can
-re-route the blocks' attention across time. No flips: a flip would swap 'left'
-and 'right' (the SSv2 rule).
+A 4-block VideoMAE-style ViT on 4-frame 32 px clips (every other frame of the
+8, so 4 px of motion a frame; 16 px single-frame patches, no tubelet) is
+pre-trained to name the moving digit with each clip's frames in a random order
+(train_pp 'shuffle_frames'), then adapted to the direction of motion. The
+design: a token sees one frame, so no token shows motion, and the pre-training
+never rewards anything that depends on frame order; motion is visible only by
+relating frames across time, which the fixed sinusoidal table (it includes
+time) makes possible. A linear probe reads the frozen, order-blind-trained
+features; AdaptFormer's adapters sit in every block and can build the
+order-dependent features the backbone lacks. No flips: a flip would swap
+'left' and 'right' (the SSv2 rule).
+
+What it shows, measured (README, "Video"): adapters beat the probe by ~0.15
+top-1 and full fine-tuning beats adapters by ~0.05, but the probe stays far above chance
+(0.25): the frozen features are not order-invariant. On a bounded canvas the
+side a digit starts on tells its direction, and "digit on the left at an early
+time" is a per-token cue the frozen nonlinearity exposes after pooling. Wrap-
+around and "the digit changes halfway" variants that remove such per-token cues
+left every method, full fine-tuning included, at the order-blind bound at this
+budget (README), so the issue's "a linear probe cannot" is not shown here.
 
   python -m adaptformer_jax.main --config configs/video_demo.py:backbone \
       --workdir runs/video_demo/backbone
   python -m adaptformer_jax.demo --config configs/video_demo.py --workdir runs/video_demo
+  python -m adaptformer_jax.demo --config configs/video_demo.py --sweep  # the lrs
 """
 import ml_collections
 
@@ -21,12 +36,14 @@ BACKBONE = f'runs/video_demo/backbone/checkpoints/{BACKBONE_STEPS}'
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  # 16 px patches of 2-frame tubelets: 4 x 2 x 2 = 16 tokens a clip, cheap on a CPU.
+  # 16 px patches of single frames: 4 x 2 x 2 = 16 tokens a clip, cheap on a CPU.
   model = models.preset('videomae_s16', width=64, depth=4, num_heads=4, mlp_dim=256,
-                        patch_size=16, image_size=32, num_frames=8, tubelet=2,
+                        patch_size=16, image_size=32, num_frames=4, tubelet=1,
                         num_classes=4, tuning='adaptformer', adapter=dict(bottleneck=16))
   config = recipes.base(model, 'moving_digits/direction', train_pp='resize',
                         eval_pp='resize', normalize='none', shuffle_buffer=2048)
+  config.data.frame_sampling = 'dense'
+  config.data.frame_stride = 2  # every other frame: 4 px a frame
   config.batch_size = 64
   config.eval_batch_size = 128
   config.checkpoint_every_steps = 1000
@@ -34,22 +51,27 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.progress = False
   if arg == 'backbone':
-    # Every parameter trains on the digit labels; base_lr 0.4 and 1.5 stay at
-    # chance for 400 steps, 0.1 learns.
+    # Every parameter trains on the digit labels, frames shuffled; SGD at base_lr
+    # 0.1 stayed at chance for 400 steps (top-1 0.09), AdamW at 1e-3 learns (0.44).
     config.model.tuning = 'full'
     config.model.num_classes = 10
     config.data.name = 'moving_digits/digit'
+    config.data.train_pp = 'resize|shuffle_frames'
     config.num_train_steps = BACKBONE_STEPS
     config.warmup_steps = 40
-    config.optimizer.base_lr = 0.1
+    config.optimizer = ml_collections.ConfigDict(dict(
+        name='adamw', momentum=0.9, weight_decay=0.05, base_lr=0.004,  # 1e-3 at batch 64
+        label_smoothing=0.0))
     return config
   config.init_from = BACKBONE
   config.init_dont_load = ('head/.*',)  # a new task: the 4-class head starts fresh
   config.num_train_steps = 200
   config.warmup_steps = 20
-  config.seeds = (0,)
-  # SGD learning rate per 256 clips for each method (not swept).
-  config.methods = ml_collections.ConfigDict(dict(linear=2.0, adaptformer=2.0, full=0.2))
+  config.seeds = (0, 1, 2)
+  # SGD learning rate per 256 clips for each method: the best of config.sweep on the
+  # validation split (`--sweep`): linear 0.5/2/8 -> .717/.749/.742, adaptformer
+  # .717/.912/.263, full (0.05/0.2/0.8) .990/.990/.995.
+  config.methods = ml_collections.ConfigDict(dict(linear=2.0, adaptformer=2.0, full=0.8))
   config.sweep = ml_collections.ConfigDict(dict(
       seed=0, train_split='train[:80%]', val_split='train[80%:]',
       base_lrs=dict(linear=(0.5, 2.0, 8.0), adaptformer=(0.5, 2.0, 8.0),

@@ -89,6 +89,18 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+@pytest.fixture(scope='session')
+def video_dir(tmp_path_factory):
+  """One offline build of moving_digits/direction for the whole session."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from adaptformer_jax import data  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path_factory.mktemp('tfds_video'))
+  data.info(ml_collections.ConfigDict(dict(
+      name='moving_digits/direction', data_dir=root, train_split='train',
+      eval_split='test')))
+  return root
+
+
 COLORS = {'blue': (30, 60, 200), 'green': (40, 180, 60), 'red': (200, 40, 40)}  # class -> mean RGB
 
 

@@ -29,13 +29,6 @@ def _cfg(data_dir, **overrides):
   return ml_collections.ConfigDict(cfg)
 
 
-@pytest.fixture(scope='module')
-def video_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('tfds'))
-  data.info(_cfg(root))  # builds it offline
-  return root
-
-
 def _centres(video):
   """(T, 2) centre of mass of each frame's pixels."""
   rows, cols = np.indices(video.shape[1:3])
@@ -169,3 +162,26 @@ def test_video_demo_adapts_the_backbone_its_first_command_trains():
   assert (backbone.data.name, demo.data.name) == ('moving_digits/digit',
                                                    'moving_digits/direction')
   assert 'flip' not in demo.data.train_pp  # a flip would swap left and right
+  # Pre-trained order-blind on single-frame tokens; adapted on frames in order.
+  assert backbone.data.train_pp == 'resize|shuffle_frames' and demo.data.train_pp == 'resize'
+  assert demo.model.tubelet == 1
+  assert len(demo.seeds) >= 3 and set(demo.methods) == set(demo.sweep.base_lrs)
+
+
+def test_shuffle_frames_permutes_whole_frames_and_leaves_images_alone():
+  video = tf.tile(tf.reshape(tf.cast(tf.range(6) * 40, tf.uint8), (6, 1, 1, 1)), (1, 4, 4, 3))
+  pp = preprocess.make('resize|shuffle_frames', image_size=4, normalize='none', num_frames=6)
+  orders = set()
+  for s in range(8):
+    clip = np.round(pp(video, tf.constant([s, 0], tf.int64)).numpy() * 255)
+    # Every frame whole and uniform, each of the six exactly once.
+    assert (clip == clip[:, :1, :1, :1]).all()
+    assert sorted(clip[:, 0, 0, 0]) == list(range(0, 240, 40))
+    orders.add(tuple(clip[:, 0, 0, 0]))
+    again = np.round(pp(video, tf.constant([s, 0], tf.int64)).numpy() * 255)
+    np.testing.assert_array_equal(again, clip)  # a function of the seed
+  assert len(orders) > 4
+  image = np.random.RandomState(0).rand(4, 4, 3).astype(np.float32)
+  np.testing.assert_array_equal(
+      preprocess.OPS['shuffle_frames'](tf.constant(image), tf.constant([1, 2], tf.int64), 4),
+      image)

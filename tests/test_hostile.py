@@ -164,6 +164,9 @@ BAD_CONFIGS = {  # name: (changes, the error line's text)
                                  "'head/[' is not a regular expression"),
     'label_smoothing_above_1': ({'optimizer.label_smoothing': 1.5},
                                 'config.optimizer.label_smoothing'),
+    'eval_clips_0': ({'data.eval_clips': 0}, 'data.eval_clips: must be an integer >= 1, got 0'),
+    'eval_crops_on_images': ({'data.eval_crops': 3},
+                             'several views of an example are a video evaluation'),
 }
 for _name, (_changes, _expect) in BAD_CONFIGS.items():
   API_CASES[_name] = (_refused_training(**_changes), _expect)

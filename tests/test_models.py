@@ -260,11 +260,16 @@ def test_cudnn_attention_where_it_cannot_run_is_a_clear_config_error():
     tiny_cfg(attention='flash')
 
 
-@pytest.mark.parametrize('config_name,num_classes', [('ssv2', 174), ('hmdb51', 51)])
+@pytest.mark.parametrize('config_name,num_classes', [('ssv2', 174), ('hmdb51', 51),
+                                                     ('ucf101', 101)])
 def test_official_video_configs_train_adapters_head_and_fc_norm(config_name, num_classes):
   config = shipped_config(config_name, 'adaptformer')
   assert models.input_shape(config.model) == (8, 224, 224, 3)
-  assert (config.data.name, config.data.num_classes) == ('video_list', num_classes)
+  if config_name == 'ucf101':  # tfds, its own class names
+    assert (config.data.name, config.data.train_split) == ('ucf101/ucf101_1_256', 'train')
+  else:
+    assert (config.data.name, config.data.num_classes) == ('video_list', num_classes)
+  assert (config.data.eval_clips, config.data.eval_crops) == (4, 3)  # main_video.py's test
   params = shapes(config.model)['params']
   d = 768
   # The official script also trains fc_norm (fresh in a VideoMAE pre-training file).

@@ -227,7 +227,11 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
   """Re-iterable passes over the eval split: {'image', 'label', 'mask'} batches.
 
   The last batch is padded (mask 0.0) and every process yields the same number
-  of batches, so masked metrics count each example exactly once.
+  of batches, so masked metrics count each example exactly once. With
+  data.eval_clips x data.eval_crops > 1 (video models: the official multi-view
+  test) a batch holds every view of each video, (B, V, T, H, W, 3) under 'views'
+  instead of 'image', which `evaluate` averages per video; `global_batch` counts
+  videos.
   """
   local_batch = _local_batch(global_batch)
   source = _model_source(data_cfg, num_frames)
@@ -235,16 +239,18 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
   num_batches = -(-max(source.process_counts(data_cfg.eval_split, 'data.eval_split'))
                   // local_batch)
   pp = _preprocess(data_cfg, 'eval_pp', image_size, num_frames, train=False)
+  views = num_views(data_cfg)
+  field = 'views' if views > 1 else 'image'
   key = tf.constant([0, 0], tf.int64)  # random eval ops stay deterministic
 
   def example(index, decoded, label):
-    return {'image': pp(decoded, _fold(key, index)),
+    return {field: pp(decoded, _fold(key, index)),
             'label': tf.cast(label, tf.int32), 'mask': tf.constant(1.0)}
 
-  frames = () if num_frames is None else (num_frames,)
+  shape = (((views,) if views > 1 else ()) + (() if num_frames is None else (num_frames,))
+           + (image_size, image_size, 3))
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros((*frames, image_size, image_size, 3)),
-      'label': tf.constant(0), 'mask': tf.constant(0.0)}).repeat()
+      field: tf.zeros(shape), 'label': tf.constant(0), 'mask': tf.constant(0.0)}).repeat()
   ds = _decoded(source.records(data_cfg.eval_split).enumerate(), source, example)
   ds = ds.concatenate(padding)
   ds = ds.take(num_batches * local_batch).batch(local_batch)
@@ -327,12 +333,19 @@ def _deterministic(ds):
   return ds.with_options(options)
 
 
+def num_views(data_cfg: ml_collections.ConfigDict) -> int:
+  """Views per eval example: data.eval_clips x data.eval_crops (1 when unset)."""
+  return data_cfg.get('eval_clips', 1) * data_cfg.get('eval_crops', 1)
+
+
 def _preprocess(data_cfg, field, image_size, num_frames, train):
+  views = {} if train else dict(clips=data_cfg.get('eval_clips', 1),
+                                crops=data_cfg.get('eval_crops', 1))
   video = {} if num_frames is None else dict(
       num_frames=num_frames, frame_sampling=data_cfg.get('frame_sampling', 'dense'),
       frame_stride=data_cfg.get('frame_stride', 1), train=train)
   return preprocess.make(data_cfg[field], image_size=image_size,
-                         normalize=data_cfg.normalize, field=f'data.{field}', **video)
+                         normalize=data_cfg.normalize, field=f'data.{field}', **video, **views)
 
 
 def _decoded(ds, source, example):

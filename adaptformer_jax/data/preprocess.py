@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from adaptformer_jax.config_check import CROP_OPS  # the ops that take `crop=(j, n)`
+from adaptformer_jax.config_check import check_views
 from adaptformer_jax.errors import ConfigError
 
 NORMALIZE = {
@@ -87,8 +89,10 @@ def resize(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   return _resize(image, size, size)
 
 
-def resize_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-  """Official eval: shorter side to size*256/224 (256 for 224), center crop size."""
+def resize_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+                       crop: tuple[int, int] | None = None) -> tf.Tensor:
+  """Official eval: shorter side to size*256/224 (256 for 224), center crop size
+  (or crop `crop`, see center_crop)."""
   del seed
   short = int(size * 256 / 224)
   shape = tf.shape(image)
@@ -96,7 +100,7 @@ def resize_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tenso
   # torchvision Resize(int): the longer side is int(short * long / shorter).
   scaled_h = tf.where(height <= width, short, short * height // width)
   scaled_w = tf.where(height <= width, short * width // height, short)
-  return center_crop(_resize(image, scaled_h, scaled_w), None, size)
+  return center_crop(_resize(image, scaled_h, scaled_w), None, size, crop)
 
 
 # (w, h) multiples of the free space / 4 where GroupMultiScaleCrop may put a crop.
@@ -126,34 +130,76 @@ def multi_scale_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   return tf.image.resize(crop, (size, size), method='bilinear', antialias=True)
 
 
-def short_side_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-  """Official video eval: shorter side bilinear to size, center crop size."""
+def short_side_center_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+                           crop: tuple[int, int] | None = None) -> tf.Tensor:
+  """Official video eval: shorter side bilinear to size, center crop size (or
+  crop `crop`: VideoMAE's test crops, which slide along the longer side)."""
   del seed
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
   scaled_h = tf.where(height <= width, size, size * height // width)
   scaled_w = tf.where(height <= width, size * width // height, size)
   image = tf.image.resize(image, (scaled_h, scaled_w), method='bilinear', antialias=True)
-  return center_crop(image, None, size)
+  return center_crop(image, None, size, crop)
 
 
-def center_crop(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-  """torchvision CenterCrop: crops, or zero-pads an image smaller than size."""
+def shuffle_frames(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """A clip's frames in a random order (a video's frames are stacked along the
+  channels, 3 each; an image is one frame, left as it is): pre-training on it
+  keeps a backbone from learning anything from the order of frames."""
+  del size
+  shape = tf.shape(image)
+  frames = tf.reshape(image, [shape[0], shape[1], -1, 3])
+  order = tf.argsort(tf.random.stateless_uniform([tf.shape(frames)[2]], seed))
+  return tf.reshape(tf.gather(frames, order, axis=2), shape)
+
+
+def center_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+                crop: tuple[int, int] | None = None) -> tf.Tensor:
+  """torchvision CenterCrop: crops, or zero-pads an image smaller than size.
+
+  `crop=(j, n)` (n > 1) takes crop j of n spread evenly along the longer side
+  (rows when height >= width), centred on the other, as the official video test
+  (VideoMAE's `test_num_crop`): window start int(j * (long - size) / (n - 1)).
+  """
   del seed
-  return tf.image.resize_with_crop_or_pad(image, size, size)
+  if crop is None or crop[1] == 1:
+    return tf.image.resize_with_crop_or_pad(image, size, size)
+  j, n = crop
+  shape = tf.shape(image)
+  image = tf.image.resize_with_crop_or_pad(
+      image, tf.maximum(shape[0], size), tf.maximum(shape[1], size))
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  slide = lambda length: tf.cast(j * tf.cast(length - size, tf.float64) / (n - 1), tf.int32)
+  rows = height >= width
+  top = tf.where(rows, slide(height), (height - size) // 2)
+  left = tf.where(rows, (width - size) // 2, slide(width))
+  return image[top:top + size, left:left + size]
 
 
 OPS = {op.__name__: op for op in (random_resized_crop, flip, pad_crop, resize,
                                   resize_center_crop, center_crop, multi_scale_crop,
-                                  short_side_center_crop)}
+                                  short_side_center_crop, shuffle_frames)}
 SIZING_OPS = ('random_resized_crop', 'pad_crop', 'resize', 'resize_center_crop',
               'center_crop', 'multi_scale_crop', 'short_side_center_crop')
 
 
 def dense_frames(length: tf.Tensor, num_frames: int, stride: int, seed: tf.Tensor,
-                 train: bool) -> tf.Tensor:
+                 train: bool, clip: tuple[int, int] = (0, 1)) -> tf.Tensor:
   """Kinetics/HMDB51: `num_frames` frames `stride` apart from a random start
-  (train) or the middle (eval)."""
+  (train) or the middle (eval).
+
+  `clip=(k, n)`, n > 1 (eval only): clip k of n, as the official test
+  (`test_num_segment`): the video's frames `stride` apart, L of them, and clip k
+  starts at int(k * max(L - num_frames, 0) / (n - 1)) of those; a short one
+  repeats its last strided frame.
+  """
+  k, n = clip
+  if n > 1:
+    strided = (length + stride - 1) // stride
+    step = tf.maximum(tf.cast(strided - num_frames, tf.float64) / (n - 1), 0.0)
+    start = tf.cast(k * step, tf.int32)
+    return tf.minimum(start + tf.range(num_frames), strided - 1) * stride
   max_start = tf.maximum(length - (num_frames - 1) * stride, 1)
   start = (tf.random.stateless_uniform([], seed, 0, max_start, dtype=tf.int32)
            if train else (max_start - 1) // 2)
@@ -161,12 +207,17 @@ def dense_frames(length: tf.Tensor, num_frames: int, stride: int, seed: tf.Tenso
 
 
 def segment_frames(length: tf.Tensor, num_frames: int, stride: int, seed: tf.Tensor,
-                   train: bool) -> tf.Tensor:
+                   train: bool, clip: tuple[int, int] = (0, 1)) -> tf.Tensor:
   """SSv2 (TSN): one frame from each of `num_frames` equal segments, at random
-  (train) or each segment's middle (eval); `stride` is unused."""
+  (train) or each segment's middle (eval); `stride` is unused.
+
+  `clip=(k, n)`, n > 1 (eval only): frame k/n of the way into each segment, as
+  VideoMAE's SSv2 test (2 clips: the segments' first and middle frames).
+  """
   del stride
+  k, n = clip
   offset = (tf.random.stateless_uniform([num_frames], seed) if train
-            else tf.fill([num_frames], 0.5))
+            else tf.fill([num_frames], 0.5 if n == 1 else k / n))
   segment = tf.cast(length, tf.float32) / num_frames
   return tf.cast((tf.range(num_frames, dtype=tf.float32) + offset) * segment, tf.int32)
 
@@ -190,7 +241,8 @@ def parse(pp: str, field: str = 'data.train_pp') -> list[str]:
 
 def make(pp: str, *, image_size: int, normalize: str, field: str = 'data.train_pp',
          num_frames: int | None = None, frame_sampling: str = 'dense', frame_stride: int = 1,
-         train: bool = True) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+         train: bool = True, clips: int = 1, crops: int = 1
+         ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   """`fn(image, seed) -> float32 (image_size, image_size, 3)`, normalised, or
   with `num_frames`, `fn(video, seed) -> float32 (num_frames, size, size, 3)`.
 
@@ -199,6 +251,11 @@ def make(pp: str, *, image_size: int, normalize: str, field: str = 'data.train_p
   seed, shape (2,) int64. A video shorter than its sample repeats its last
   frame, as the official loaders clamp frame indices. `train` picks random
   (True) or central (False) frames.
+
+  `clips` x `crops` > 1 (video eval: data.eval_clips, data.eval_crops) gives
+  every view of the official multi-view test instead, float32 (clips * crops,
+  num_frames, size, size, 3), clip-major: view k * crops + j is temporal clip k
+  (see dense_frames, segment_frames) at spatial crop j (see center_crop).
   """
   ops = parse(pp, field)
   if normalize not in NORMALIZE:
@@ -207,6 +264,7 @@ def make(pp: str, *, image_size: int, normalize: str, field: str = 'data.train_p
   if frame_sampling not in FRAME_SAMPLING:
     raise ConfigError(f'data.frame_sampling: {frame_sampling!r} is not one of '
                       f"{', '.join(map(repr, FRAME_SAMPLING))}.")
+  check_views(clips, crops, ops, video=num_frames is not None, train=train, field=field)
   mean, std = NORMALIZE[normalize]
 
   def rgb(image):
@@ -215,10 +273,11 @@ def make(pp: str, *, image_size: int, normalize: str, field: str = 'data.train_p
                     lambda: image[..., :3])
     return tf.image.convert_image_dtype(image, tf.float32)
 
-  def transform(image, seed):
+  def transform(image, seed, crop=None):
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, len(ops)))
     for op, op_seed in zip(ops, seeds):
-      image = OPS[op](image, op_seed, image_size)
+      extra = {'crop': crop} if crop is not None and op in CROP_OPS else {}
+      image = OPS[op](image, op_seed, image_size, **extra)
     return image
 
   def image_fn(image, seed):
@@ -227,17 +286,23 @@ def make(pp: str, *, image_size: int, normalize: str, field: str = 'data.train_p
     image = tf.ensure_shape(transform(image, seed), (image_size, image_size, 3))
     return (image - mean) / std
 
-  def video_fn(video, seed):
+  def clip_fn(video, seed, temporal=(0, 1), crop=None):
     frames_seed, ops_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     length = tf.shape(video)[0]
     index = FRAME_SAMPLING[frame_sampling](length, num_frames, frame_stride,
-                                           frames_seed, train)
+                                           frames_seed, train, temporal)
     clip = rgb(tf.gather(video, tf.minimum(index, length - 1)))
     shape = tf.shape(clip)
     stacked = tf.reshape(tf.transpose(clip, [1, 2, 0, 3]),
                          [shape[1], shape[2], num_frames * 3])
-    clip = tf.transpose(tf.reshape(transform(stacked, ops_seed),
+    clip = tf.transpose(tf.reshape(transform(stacked, ops_seed, crop),
                                    [image_size, image_size, num_frames, 3]), [2, 0, 1, 3])
     return (clip - mean) / std
 
-  return image_fn if num_frames is None else video_fn
+  def views_fn(video, seed):
+    return tf.stack([clip_fn(video, seed, (k, clips), (j, crops))
+                     for k in range(clips) for j in range(crops)])
+
+  if num_frames is None:
+    return image_fn
+  return views_fn if clips * crops > 1 else clip_fn
