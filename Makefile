@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: install
 	$(PY) -m adaptformer_jax.demo --config configs/demo.py --workdir runs/demo
 
-# Rebuilds the shipped demo backbone (adaptformer_jax/assets/demo_backbone.md): ~25 min on 2 cores.
+# Rebuilds the shipped demo backbone (adaptformer_jax/assets/demo_backbone.md): ~1 h on 2 cores.
 backbone: install
 	$(PY) -m adaptformer_jax.main --config configs/backbone.py --workdir runs/backbone
 	$(PY) -m adaptformer_jax.main --mode export --workdir runs/backbone --out runs/backbone/export

@@ -74,16 +74,22 @@ def table(summary: dict[str, Any], num_seeds: int) -> str:
 
 
 def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Validation top-1 of every (method, learning rate) in config.sweep; never the test split."""
+  """Mean validation top-1 over config.sweep.seeds of every (method, learning rate) in
+  config.sweep; never the test split. Several seeds, so that a rate at the edge of
+  stability, which one seed may survive, is not chosen."""
   results = {}
   for method, rates in config.sweep.base_lrs.items():
     results[method] = {}
     for lr in rates:
-      cfg = method_config(config, method, config.sweep.seed, base_lr=lr)
-      cfg.data.train_split, cfg.data.eval_split = config.sweep.train_split, config.sweep.val_split
-      results[method][str(lr)] = _train(cfg, os.path.join(workdir, method, f'lr{lr}'))
+      scores = []
+      for seed in config.sweep.seeds:
+        cfg = method_config(config, method, seed, base_lr=lr)
+        cfg.data.train_split = config.sweep.train_split
+        cfg.data.eval_split = config.sweep.val_split
+        scores.append(_train(cfg, os.path.join(workdir, method, f'lr{lr}', f'seed{seed}')))
+      results[method][str(lr)] = statistics.mean(scores)
     best = max(results[method], key=results[method].get)
-    print(f'{method}: best base_lr {best} (validation top-1 {results[method][best]:.4f})')
+    print(f'{method}: best base_lr {best} (mean validation top-1 {results[method][best]:.4f})')
   _write(workdir, 'sweep.json', results)
   return results
 

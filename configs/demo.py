@@ -1,10 +1,22 @@
 """`make demo`: the shipped glyph-pretrained ViT adapted to scikit-learn's handwritten digits.
 
-Every method adapts the same backbone (adaptformer_jax/assets/demo_backbone.md)
-with a fresh 10-class head, over three seeds, and is evaluated on 899 held-out
-digits (one image = 0.11 point). Learning rates come from
-`python -m adaptformer_jax.demo --sweep`, which trains on 80% of the training
-split and evaluates on the other 20%; the test split is never used to choose.
+Every method adapts the same self-supervised (MAE) backbone
+(adaptformer_jax/assets/demo_backbone.md) with a fresh 10-class head, MAE's
+fine-tuning head (mean pool, fc_norm, BatchNorm + linear) as in the paper's
+image experiments, over three seeds, and is evaluated on 899 held-out digits
+(one image = 0.11 point). Learning rates come from
+`python -m adaptformer_jax.demo --sweep`, which trains on half of the training
+split and evaluates on the other half (449 images); the test split is never
+used to choose.
+
+Learning rates: the best mean over seeds 0 and 1 (one seed chose an adapter
+rate that another seed did not survive). Two settings differ from the paper's
+defaults, each chosen on the same validation split with seed 0 (numbers in the
+README): the adapter scale is 1.0 (best 0.9644; s = 0.1 best 0.9621: one image
+apart on this backbone, but on a shorter-trained pilot backbone s = 0.1 lagged
+by more than a point, since the head and the adapters share one learning rate
+and at s = 0.1 the up-projections move 100x slower), and VPT-deep gets 16
+prompt tokens (best 0.9666; 4 tokens: 0.9577).
 """
 import ml_collections
 
@@ -18,7 +30,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # The backbone's architecture (configs/backbone.py), with the adaptation methods' sizes.
   model = models.preset('vit_ti16', width=128, depth=6, num_heads=4, mlp_dim=512,
                         patch_size=4, image_size=16, num_classes=10, tuning='adaptformer',
-                        adapter=dict(bottleneck=16), vpt=dict(num_tokens=4),
+                        pool='gap', head='bn_linear',
+                        adapter=dict(bottleneck=16, scale=1.0), vpt=dict(num_tokens=16),
                         lora=dict(rank=4, alpha=4.0))
   config = recipes.base(model, 'sklearn_digits/half', train_pp='resize', eval_pp='resize',
                         normalize='none')
@@ -33,12 +46,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 1
   config.progress = False
   config.seeds = (0, 1, 2)
-  # SGD learning rate per 256 images for each method: the best validation top-1 of the sweep.
+  # SGD learning rate per 256 images for each method: the sweep's best mean validation top-1.
   config.methods = ml_collections.ConfigDict(dict(
-      linear=4.0, vpt_deep=0.5, adaptformer=1.0, lora=0.25, full=0.1))
+      linear=0.5, vpt_deep=0.5, adaptformer=0.25, lora=0.125, full=0.05))
   config.sweep = ml_collections.ConfigDict(dict(
-      seed=0, train_split='train[:80%]', val_split='train[80%:]',
-      base_lrs=dict(linear=(0.5, 1.0, 2.0, 4.0), vpt_deep=(0.5, 1.0, 2.0, 4.0),
-                    adaptformer=(0.5, 1.0, 2.0, 4.0), lora=(0.25, 0.5, 1.0, 2.0),
+      seeds=(0, 1), train_split='train[:50%]', val_split='train[50%:]',
+      base_lrs=dict(linear=(0.5, 1.0, 2.0, 4.0), vpt_deep=(0.25, 0.5, 1.0, 2.0),
+                    adaptformer=(0.25, 0.5, 1.0, 2.0), lora=(0.125, 0.25, 0.5, 1.0),
                     full=(0.05, 0.1, 0.2, 0.4))))
   return config
