@@ -159,3 +159,16 @@ def folder_data_cfg(root, **overrides):
              val_fraction=0.25, max_unreadable_fraction=0.1)
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
+
+
+def run_on_host_devices(num_devices, script, *args, timeout=300):
+  """Runs `python -c script *args` with `num_devices` fake CPU devices; returns the process.
+
+  A subprocess, because the device count is fixed when JAX starts.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-c', script, *args], env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)

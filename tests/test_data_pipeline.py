@@ -1,9 +1,6 @@
 """Input pipelines: batch layout, exact resume, eval masking, sharding and user errors."""
-import os
 import re
 import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,6 +15,7 @@ from adaptformer_jax import data
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.errors import UserError
 from conftest import mock_tfds_metadata
+from conftest import run_on_host_devices
 
 SHARDING = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',)), P('data'))
 
@@ -206,8 +204,5 @@ MULTI_DEVICE = textwrap.dedent("""
 
 
 def test_global_batch_is_sharded_over_8_devices(digits_dir):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  result = subprocess.run([sys.executable, '-c', MULTI_DEVICE, digits_dir], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+  result = run_on_host_devices(8, MULTI_DEVICE, digits_dir, timeout=120)
   assert 'MULTI_DEVICE_OK' in result.stdout, result.stderr[-3000:]

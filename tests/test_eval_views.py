@@ -2,9 +2,6 @@
 official test's views, each video scored on the mean of its views' logits; 1 x 1
 is the single central view it always was; bad settings fail in config_check."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -25,6 +22,7 @@ from adaptformer_jax import workdirs
 from adaptformer_jax.data import preprocess
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.errors import UserError
+from conftest import run_on_host_devices
 from conftest import shipped_config
 from conftest import tiny_run_config
 
@@ -221,10 +219,7 @@ TWO_DEVICES = textwrap.dedent("""
 
 def test_views_shard_over_devices_and_pad_as_single_views(video_dir):
   """10 videos in batches of 4 over 2 devices (the last padded): the same result as one."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  result = subprocess.run([sys.executable, '-c', TWO_DEVICES, video_dir], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+  result = run_on_host_devices(2, TWO_DEVICES, video_dir)
   assert 'TWO_DEVICES_OK' in result.stdout, result.stderr[-3000:]
 
 
