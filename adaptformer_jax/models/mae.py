@@ -63,11 +63,8 @@ class MaskedAutoencoder(nn.Module):
     cfg, mae = self.cfg, self.cfg.mae
     dtype = jnp.dtype(cfg.dtype)
     p = cfg.patch_size
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
-                kernel_init=vit.dense_init, name='embedding')(images)
-    b = x.shape[0]
-    x = x.reshape(b, -1, cfg.width)
-    n = x.shape[1]
+    x = vit.embed_patches(cfg, dtype, images)
+    b, n = x.shape[:2]
     cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, cfg.width))
     pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1, n + 1, cfg.width))
     x = x + pos[:, 1:].astype(x.dtype)

@@ -190,6 +190,21 @@ class Head(nn.Module):
                     )(x)
 
 
+def embed_patches(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype,
+                  images: jax.Array) -> jax.Array:
+  """Patch tokens (B, N, width) in (t,) h, w order, as torch's flatten(2).
+
+  Call it inside a compact module: the projection becomes its 'embedding'
+  submodule, the name every checkpoint layout maps to (the ViT, MAE's encoder).
+  A video tubelet is a 3-D patch: kernel = stride = (tubelet, p, p).
+  """
+  p = cfg.patch_size
+  patch = (p, p) if cfg.patch_embed == '2d' else (cfg.tubelet, p, p)
+  x = nn.Conv(cfg.width, patch, strides=patch, padding='VALID', dtype=dtype,
+              kernel_init=dense_init, name='embedding')(images)
+  return x.reshape(x.shape[0], -1, cfg.width)
+
+
 def sinusoid_table(num_tokens: int, width: int) -> np.ndarray:
   """The fixed 1-D sin/cos table of "Attention is all you need", as VideoMAE's
   `get_sinusoid_encoding_table`: (1, num_tokens, width) float32.
@@ -218,13 +233,8 @@ class VisionTransformer(nn.Module):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     tuning = methods.parse(cfg.tuning)
-    p = cfg.patch_size
-    # A video tubelet is a 3-D patch: kernel = stride = (tubelet, p, p).
-    patch = (p, p) if cfg.patch_embed == '2d' else (cfg.tubelet, p, p)
-    x = nn.Conv(cfg.width, patch, strides=patch, padding='VALID', dtype=dtype,
-                kernel_init=dense_init, name='embedding')(images)
+    x = embed_patches(cfg, dtype, images)
     b = x.shape[0]
-    x = x.reshape(b, -1, cfg.width)  # (t,) h, w order, as torch's flatten(2)
     tokens = lambda t: jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(x.dtype)
     if cfg.class_token:
       cls = self.param('cls', nn.initializers.normal(1e-6), (1, 1, cfg.width))
