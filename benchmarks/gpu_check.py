@@ -1,14 +1,16 @@
 """One command for the first GPU that comes: step time, MFU, memory, PyTorch, max batch, input rate.
 
 Made to run inside a few lent minutes (about 8 on one H100, compiles included),
-and to keep what it measured when it is cut off. Three parts run one after the
+and to keep what it measured when it is cut off. Four parts run one after the
 other, each in its own process with a share of --budget_s:
 
+  flops    FLOPs of every step below, from XLA's cost analysis on the CPU.
   jax      ViT-B/16 at 224 px, adaptformer and full, bf16 compute (f32 params) and
            f32 (TF32 matmuls, JAX's GPU default), at each of the table's batches:
            ms/step, img/s, MFU, peak device memory; the adaptformer bf16 step
-           with model.attention='xla' (vs 'auto' = cuDNN) and model.frozen_dtype=
-           'bfloat16'; the largest power-of-two batch that fits for ViT-B/16,
+           with model.attention='xla', with model.frozen_dtype='bfloat16', and
+           without the class token (196 tokens: 'auto' takes cuDNN's fused
+           attention only for even token counts); the largest power-of-two batch that fits for ViT-B/16,
            ViT-L/16 and ViT-H/14 adaptformer (bf16).
   torch    the same ViT-B/16 steps in PyTorch (CUDA, SDPA, bf16 autocast), and
            torch.compile of the headline step when it compiles within 2
@@ -21,9 +23,10 @@ Nothing here needs TensorFlow, tfds or timm; without PyTorch the torch part
 leaves a note.
 
 MFU = FLOPs / step time / the device's dense bf16 peak (machine.PEAK_BF16_FLOPS).
-FLOPs come from XLA's cost analysis of the lowered step with attention='xla'
-(cuDNN's fused attention is a custom call that the analysis cannot count); the
-PyTorch rows use the FLOPs of the matching JAX row. Peak memory is
+FLOPs come from XLA's cost analysis of the step lowered for the CPU with
+attention='xla' (on the GPU, cuBLAS matmuls and cuDNN attention are custom calls
+that the analysis does not count); the PyTorch rows use the FLOPs of the
+matching JAX row. Peak memory is
 `device.memory_stats()['peak_bytes_in_use']` (a high-water mark, so rows run in
 ascending order of their compiled peak; the compiled figure is shown too) and
 `torch.cuda.max_memory_allocated()` (reset per row). Max batch: the compiled
@@ -59,6 +62,7 @@ import machine  # noqa: E402
 import steps  # noqa: E402
 
 GIB = 2**30
+EVEN_TOKENS = dict(class_token=False, pool='gap')
 ROWS_FILE = 'rows.jsonl'
 
 
@@ -88,13 +92,13 @@ FULL = Plan(model=dict(preset='vit_b16'), batches=(64, 128), dtypes=('bfloat16',
             probe_batches=(32, 64), max_batch_cap=8192, memory_limit=None, sample_s=1.0,
             pipeline_images=300, crop=224, torch_compile_backend='inductor',
             torch_compile_s=120,
-            shares=dict(jax=0.55, torch=0.38, pipeline=0.07))
+            shares=dict(flops=0.08, jax=0.62, torch=0.25, pipeline=0.05))
 # One of each kind of row; torch.compile without inductor's C++ build (minutes on 2 cores).
 SMOKE = Plan(model=TINY, batches=(2,), dtypes=('bfloat16',), big=(('tiny', TINY),),
              probe_batches=(2, 4), max_batch_cap=32, memory_limit=16 * 2**20, sample_s=0.02,
              pipeline_images=6, crop=32, torch_compile_backend='eager',
              torch_compile_s=float('inf'),  # the budget decides on a loaded test host
-             shares=dict(jax=0.6, torch=0.3, pipeline=0.1))
+             shares=dict(flops=0.1, jax=0.5, torch=0.3, pipeline=0.1))
 
 
 def emit(out, row):
@@ -130,13 +134,37 @@ def table_rows(plan):
           for t in ('adaptformer', 'full') for b in plan.batches]
   top = max(plan.batches)
   rows += [dict(tuning='adaptformer', dtype='bfloat16', batch=top, attention='xla'),
-           dict(tuning='adaptformer', dtype='bfloat16', batch=top, frozen_dtype='bfloat16')]
+           dict(tuning='adaptformer', dtype='bfloat16', batch=top, frozen_dtype='bfloat16'),
+           # No class token: an even token count (196 for ViT-B/16), where 'auto' is cuDNN.
+           dict(tuning='adaptformer', dtype='bfloat16', batch=top, **EVEN_TOKENS)]
   return rows
 
 
 def model_cfg(plan_model, row):
   overrides = {k: v for k, v in {**plan_model, **row}.items() if k not in ('preset', 'batch')}
   return steps.model_config(plan_model['preset'], **overrides)
+
+
+# ------------------------------------------------------------------------- flops
+
+
+def flops_part(plan, out, deadline):
+  """FLOPs per step from XLA's cost analysis of each step lowered for the CPU with
+  attention='xla' (runs with JAX_PLATFORMS=cpu). On the GPU the analysis misses
+  cuBLAS's matmuls and cuDNN's attention (custom calls): jax 0.11.2 on an H100
+  answered None for a lowered step and about 1/12 of the FLOPs for a compiled one.
+  Max-batch rows get FLOPs per image, lowered at the first probe batch."""
+  def flops(model, row):
+    trainer = steps.make_trainer(model_cfg(model, {**row, 'attention': 'xla'}), row['batch'])
+    return steps.lower_step(trainer, row['batch']).cost_analysis()['flops']
+
+  for row in table_rows(plan):
+    if time.time() < deadline:
+      emit(out, dict(kind='flops', row=row, flops=flops(plan.model, row)))
+  row = dict(tuning='adaptformer', dtype='bfloat16', batch=plan.probe_batches[0])
+  for label, model in plan.big:
+    if time.time() < deadline:
+      emit(out, dict(kind='flops', model=label, per_image=flops(model, row) / row['batch']))
 
 
 # --------------------------------------------------------------------------- jax
@@ -182,15 +210,14 @@ def jax_part(plan, out, deadline):
 
 
 def compile_step(plan_model, row):
-  """(trainer, lowered, compiled) step of one row, for abstract state (nothing allocated).
+  """(trainer, compiled) step of one row, for abstract state (nothing allocated).
 
   Where attention 'auto' picked cuDNN and cuDNN fails, the row falls back to XLA's
   attention (its `attention` then reads 'xla') rather than losing every bf16 row.
   """
   trainer = steps.make_trainer(model_cfg(plan_model, row), row['batch'])
-  lowered = steps.lower_step(trainer, row['batch'])
   try:
-    return trainer, lowered, lowered.compile()
+    return trainer, steps.lower_step(trainer, row['batch']).compile()
   except Exception as e:  # noqa: BLE001
     if 'attention' in row or attention_used(trainer.run.config.model) != 'cudnn':
       raise
@@ -199,27 +226,18 @@ def compile_step(plan_model, row):
 
 
 def attention_used(cfg):
-  return vit.attention_implementation(cfg.attention, cfg.dtype, cfg.width // cfg.num_heads)
-
-
-def model_flops(plan_model, row, trainer, lowered):
-  """FLOPs per step from XLA's cost analysis of the lowered step with attention='xla'
-  (cuDNN's fused attention is a custom call that carries no FLOP count)."""
-  if attention_used(trainer.run.config.model) != 'xla':
-    trainer = steps.make_trainer(model_cfg(plan_model, {**row, 'attention': 'xla'}),
-                                 row['batch'])
-    lowered = steps.lower_step(trainer, row['batch'])
-  return lowered.cost_analysis()['flops']
+  tokens = (cfg.image_size // cfg.patch_size) ** 2 + int(cfg.class_token) + cfg.num_registers
+  return vit.attention_implementation(cfg.attention, cfg.dtype, cfg.width // cfg.num_heads,
+                                      (tokens, tokens))
 
 
 def prepare(plan_model, row):
-  """Compiles one table row: {'row', 'program', 'flops', 'compiled_bytes', 'compile_s'}."""
+  """Compiles one table row: {'row', 'program', 'compiled_bytes', 'compile_s'}."""
   result = {'row': row}
   try:
     start = time.perf_counter()
-    trainer, lowered, compiled = compile_step(plan_model, row)
+    trainer, compiled = compile_step(plan_model, row)
     result.update(attention=attention_used(trainer.run.config.model),
-                  flops=model_flops(plan_model, row, trainer, lowered),
                   compiled_bytes=steps.compiled_peak_bytes(compiled),
                   compile_s=round(time.perf_counter() - start, 1),
                   program=(trainer, compiled))
@@ -252,13 +270,14 @@ def run_jax(program, sample_s):
 def attention_check(plan, out):
   """Logits of model.attention 'auto' vs 'xla' on one small bf16 batch (max |diff|)."""
   try:
-    cfgs = {a: model_cfg(plan.model, dict(dtype='bfloat16', attention=a)) for a in ('auto', 'xla')}
+    cfgs = {a: model_cfg(plan.model, dict(dtype='bfloat16', attention=a, **EVEN_TOKENS))
+            for a in ('auto', 'xla')}
     size = cfgs['xla'].image_size
     images = jax.random.normal(jax.random.key(0), (8, size, size, 3))
     built = {a: models.build(c) for a, c in cfgs.items()}
     variables = jax.jit(built['xla'].init)(jax.random.key(1), images)
     logits = {a: np.asarray(jax.jit(m.apply)(variables, images)) for a, m in built.items()}
-    auto = vit.attention_implementation('auto', 'bfloat16', cfgs['xla'].width // cfgs['xla'].num_heads)
+    auto = attention_used(cfgs['auto'])
     emit(out, dict(kind='attention_check', auto_is=auto,
                    max_abs_diff=float(np.abs(logits['auto'] - logits['xla']).max()),
                    max_abs_logit=float(np.abs(logits['xla']).max())))
@@ -273,13 +292,13 @@ def max_batch(plan, model, limit, probes, deadline):
   row = dict(tuning='adaptformer', dtype='bfloat16')
 
   def compile_at(batch):
-    trainer, lowered, compiled = compile_step(model, {**row, 'batch': batch})
-    return trainer, lowered, compiled, steps.compiled_peak_bytes(compiled)
+    trainer, compiled = compile_step(model, {**row, 'batch': batch})
+    return trainer, compiled, steps.compiled_peak_bytes(compiled)
 
   try:
     for b in plan.probe_batches:
       if b not in probes:
-        probes[b] = compile_at(b)[3]
+        probes[b] = compile_at(b)[2]
     (b1, m1), (b2, m2) = sorted(probes.items())[:2]
     per_image = (m2 - m1) / (b2 - b1)
     fixed = m1 - per_image * b1
@@ -289,12 +308,11 @@ def max_batch(plan, model, limit, probes, deadline):
     result = {'fixed_gib': round(fixed / GIB, 3), 'per_image_mib': round(per_image / 2**20, 3),
               'predicted': int(predicted)}
     while batch >= 1 and time.time() < deadline:
-      trainer, lowered, compiled, compiled_bytes = compile_at(batch)
+      trainer, compiled, compiled_bytes = compile_at(batch)
       if compiled_bytes <= limit:
         timing = run_jax((trainer, compiled), plan.sample_s)
         if 'error' not in timing:
-          return {**result, 'batch': batch, 'compiled_bytes': compiled_bytes, **timing,
-                  'flops': model_flops(model, {**row, 'batch': batch}, trainer, lowered)}
+          return {**result, 'batch': batch, 'compiled_bytes': compiled_bytes, **timing}
       batch //= 2
     return {**result, 'error': 'no power-of-two batch fits' if batch < 1 else
             'skipped: out of budget'}
@@ -465,10 +483,9 @@ def markdown(rows):
     lines.append('- ' + ', '.join(f'{k}: {v}' for k, v in d.items() if k not in ('kind', 'at')))
   lines += ['', '| framework | tuning | dtype | batch | variant | ms/step | img/s | MFU | '
             'peak GiB | compiled GiB |', '|---|---|---|---|---|---|---|---|---|---|']
-  flops = {}
-  for r in rows:
-    if r['kind'] == 'step' and r['framework'] == 'jax' and 'flops' in r:
-      flops[tuple(sorted(r['row'].items()))] = r['flops']
+  flops = {tuple(sorted(r['row'].items())): r['flops'] for r in rows
+           if r['kind'] == 'flops' and 'row' in r}
+  per_image = {r['model']: r['per_image'] for r in rows if r['kind'] == 'flops' and 'model' in r}
   gib = lambda b: f'{b / GIB:.2f}' if b else ''
   for r in rows:
     if r['kind'] != 'step':
@@ -487,8 +504,8 @@ def markdown(rows):
             'compiled GiB | memory line |', '|---|---|---|---|---|---|---|---|']
   for r in rows:
     if r['kind'] == 'max_batch':
-      mfu = (f'{r["flops"] / (r["ms"] / 1e3) / peak:.1%}'
-             if r.get('flops') and peak and 'ms' in r else '')
+      f = per_image.get(r['model'], 0) * r.get('batch', 0)
+      mfu = f'{f / (r["ms"] / 1e3) / peak:.1%}' if f and peak and 'ms' in r else ''
       line = (f"{r['fixed_gib']} GiB + {r['per_image_mib']} MiB/image" if 'fixed_gib' in r
               else '')
       lines.append(f"| {r['model']} | {r.get('batch', r.get('error', ''))} | {r.get('ms', '')} "
@@ -545,7 +562,7 @@ def drive(plan, out, budget_s, smoke):
   print(f'gpu_check: {time.time() - start:.0f} s, {len(rows)} rows in {out}')
 
 
-PARTS = {'jax': jax_part, 'torch': torch_part, 'pipeline': pipeline_part}
+PARTS = {'flops': flops_part, 'jax': jax_part, 'torch': torch_part, 'pipeline': pipeline_part}
 
 
 def main():

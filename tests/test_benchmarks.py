@@ -56,8 +56,14 @@ def test_gpu_check_cpu_smoke_runs_every_part_without_tensorflow(tmp_path):
   assert not errors, errors
   steps = [r for r in rows if r['kind'] == 'step']
   jax_rows = [r for r in steps if r['framework'] == 'jax']
-  # adaptformer and full, plus the attention='xla' and frozen_dtype='bfloat16' variants.
-  assert len(jax_rows) == 4 and all(r['ms'] > 0 and r['flops'] > 0 for r in jax_rows)
+  # adaptformer and full, plus the attention='xla', frozen_dtype='bfloat16' and
+  # no-class-token variants, each with its FLOPs from the CPU lowering.
+  assert len(jax_rows) == 5 and all(r['ms'] > 0 for r in jax_rows)
+  flops = {json.dumps(r['row'], sort_keys=True): r['flops'] for r in rows
+           if r['kind'] == 'flops' and 'row' in r}
+  assert all(flops[json.dumps(r['row'], sort_keys=True)] > 0 for r in jax_rows)
+  assert [r['model'] for r in rows if r['kind'] == 'flops' and r.get('per_image', 0) > 0] == [
+      'tiny']
   assert {r['framework'] for r in steps} == {'jax', 'torch eager', 'torch compiled'}
   (max_batch,) = [r for r in rows if r['kind'] == 'max_batch']
   assert max_batch['batch'] >= 1 and max_batch['compiled_bytes'] <= 16 * 2**20

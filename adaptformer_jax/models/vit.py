@@ -40,22 +40,27 @@ REMAT_POLICIES = {
 }
 
 
-def attention_implementation(choice: str, dtype, head_dim: int, device=None) -> str:
+def attention_implementation(choice: str, dtype, head_dim: int, lengths=(), device=None) -> str:
   """model.attention -> jax.nn.dot_product_attention's implementation ('xla' | 'cudnn').
 
   'auto' takes cuDNN's fused (flash) kernel where it applies -- an NVIDIA GPU,
-  bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128 -- and XLA's
-  unfused attention everywhere else (CPU, TPU, f32).
+  bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128, even query and
+  key lengths (`lengths`) -- and XLA's unfused attention everywhere else (CPU,
+  TPU, f32). The even lengths: jax 0.11.2 on an H100 refused to differentiate
+  cuDNN attention over ViT-B/16's 197 tokens ("Unsupported sequence length Q 197,
+  KV 197") though it ran it forward.
   """
   device = device or jax.devices()[0]
   usable = (device.platform == 'gpu' and 'nvidia' in device.device_kind.lower()
             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128)
+            and head_dim % 8 == 0 and head_dim <= 128
+            and all(n % 2 == 0 for n in lengths))
   if choice == 'cudnn' and not usable:
     raise ConfigError(
-        f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype='bfloat16' and a "
-        f'head dim that is a multiple of 8 up to 128 (here: {device.device_kind}, '
-        f"{jnp.dtype(dtype).name}, {head_dim}); use 'auto' or 'xla'.")
+        f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype='bfloat16', a "
+        f'head dim that is a multiple of 8 up to 128 and even token counts (here: '
+        f'{device.device_kind}, {jnp.dtype(dtype).name}, {head_dim}, {tuple(lengths)}); '
+        f"use 'auto' or 'xla'.")
   return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable) else 'xla'
 
 
@@ -70,7 +75,8 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   with model.attention's implementation."""
   heads = cfg.num_heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
-  implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads)
+  implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads,
+                                            (q.shape[1], k.shape[1]))
   return jax.nn.dot_product_attention(split(q), split(k), split(v),
                                       implementation=implementation).reshape(q.shape)
 
