@@ -10,7 +10,8 @@ other, each in its own process with a share of --budget_s:
            ms/step, img/s, MFU, peak device memory; the adaptformer bf16 step
            with model.attention='xla', with model.frozen_dtype='bfloat16', and
            without the class token (196 tokens: 'auto' takes cuDNN's fused
-           attention only for even token counts); the largest power-of-two batch that fits for ViT-B/16,
+           attention only for even token counts), and with model.attention=
+           'cudnn' (197 tokens padded to 198, masked); the largest power-of-two batch that fits for ViT-B/16,
            ViT-L/16 and ViT-H/14 adaptformer (bf16).
   torch    the same ViT-B/16 steps in PyTorch (CUDA, SDPA, bf16 autocast), and
            torch.compile of the headline step when it compiles within 2
@@ -82,6 +83,7 @@ class Plan:
   torch_compile_backend: str
   torch_compile_s: float  # torch.compile is timed only when it compiles within this
   shares: dict         # fraction of the budget per part
+  padded_cudnn: bool   # a row with model.attention='cudnn' at an odd token count (GPU only)
 
 
 TINY = dict(preset='vit_ti16', width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
@@ -92,13 +94,13 @@ FULL = Plan(model=dict(preset='vit_b16'), batches=(64, 128), dtypes=('bfloat16',
             probe_batches=(32, 64), max_batch_cap=8192, memory_limit=None, sample_s=1.0,
             pipeline_images=300, crop=224, torch_compile_backend='inductor',
             torch_compile_s=120,
-            shares=dict(flops=0.08, jax=0.62, torch=0.25, pipeline=0.05))
+            shares=dict(flops=0.08, jax=0.62, torch=0.25, pipeline=0.05), padded_cudnn=True)
 # One of each kind of row; torch.compile without inductor's C++ build (minutes on 2 cores).
 SMOKE = Plan(model=TINY, batches=(2,), dtypes=('bfloat16',), big=(('tiny', TINY),),
              probe_batches=(2, 4), max_batch_cap=32, memory_limit=16 * 2**20, sample_s=0.02,
              pipeline_images=6, crop=32, torch_compile_backend='eager',
              torch_compile_s=float('inf'),  # the budget decides on a loaded test host
-             shares=dict(flops=0.1, jax=0.5, torch=0.3, pipeline=0.1))
+             shares=dict(flops=0.1, jax=0.5, torch=0.3, pipeline=0.1), padded_cudnn=False)
 
 
 def emit(out, row):
@@ -137,6 +139,8 @@ def table_rows(plan):
            dict(tuning='adaptformer', dtype='bfloat16', batch=top, frozen_dtype='bfloat16'),
            # No class token: an even token count (196 for ViT-B/16), where 'auto' is cuDNN.
            dict(tuning='adaptformer', dtype='bfloat16', batch=top, **EVEN_TOKENS)]
+  if plan.padded_cudnn:  # 197 tokens padded to 198 for cuDNN (vit.padded_attention)
+    rows.append(dict(tuning='adaptformer', dtype='bfloat16', batch=top, attention='cudnn'))
   return rows
 
 

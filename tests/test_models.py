@@ -252,6 +252,21 @@ def test_auto_attention_picks_cudnn_only_where_it_applies(platform, kind, dtype,
   assert vit.attention_implementation('xla', dtype, head_dim, lengths, device) == 'xla'
 
 
+def test_explicit_cudnn_takes_odd_lengths_padded_and_padding_changes_nothing():
+  h100 = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA H100 80GB HBM3')
+  assert vit.attention_implementation('cudnn', 'bfloat16', 64, (197, 197), h100) == 'cudnn'
+  # The padding and its masks, run through XLA here (cuDNN needs a GPU): odd query
+  # and key lengths give the unpadded attention and its gradients.
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, n, 3, 8)) for i, n in enumerate((5, 7, 7)))
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla')
+  padded = lambda q, k, v: vit.padded_attention(q, k, v, 'xla')
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-6)
+  loss = lambda f: lambda *a: (f(*a) ** 2).sum()
+  for got, want in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v),
+                       jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_cudnn_attention_where_it_cannot_run_is_a_clear_config_error():
   images = jnp.ones((1, 32, 32, 3))
   model = models.build(tiny_cfg(dtype='bfloat16', attention='cudnn'))

@@ -43,25 +43,37 @@ REMAT_POLICIES = {
 def attention_implementation(choice: str, dtype, head_dim: int, lengths=(), device=None) -> str:
   """model.attention -> jax.nn.dot_product_attention's implementation ('xla' | 'cudnn').
 
-  'auto' takes cuDNN's fused (flash) kernel where it applies -- an NVIDIA GPU,
-  bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128, even query and
-  key lengths (`lengths`) -- and XLA's unfused attention everywhere else (CPU,
-  TPU, f32). The even lengths: jax 0.11.2 on an H100 refused to differentiate
-  cuDNN attention over ViT-B/16's 197 tokens ("Unsupported sequence length Q 197,
-  KV 197") though it ran it forward.
+  'auto' takes cuDNN's fused (flash) kernel where it is known to apply -- an
+  NVIDIA GPU, bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128,
+  even query and key lengths (`lengths`) -- and XLA's unfused attention
+  everywhere else (CPU, TPU, f32). The even lengths: jax 0.11.2 on an H100
+  refused to differentiate cuDNN attention over ViT-B/16's 197 tokens
+  ("Unsupported sequence length Q 197, KV 197") though it ran it forward. An
+  explicit 'cudnn' also takes odd lengths, padded (`padded_attention`): not yet
+  run on a GPU, so 'auto' does not choose it.
   """
   device = device or jax.devices()[0]
   usable = (device.platform == 'gpu' and 'nvidia' in device.device_kind.lower()
             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128
-            and all(n % 2 == 0 for n in lengths))
+            and head_dim % 8 == 0 and head_dim <= 128)
   if choice == 'cudnn' and not usable:
     raise ConfigError(
-        f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype='bfloat16', a "
-        f'head dim that is a multiple of 8 up to 128 and even token counts (here: '
-        f'{device.device_kind}, {jnp.dtype(dtype).name}, {head_dim}, {tuple(lengths)}); '
-        f"use 'auto' or 'xla'.")
-  return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable) else 'xla'
+        f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype='bfloat16' and a "
+        f'head dim that is a multiple of 8 up to 128 (here: {device.device_kind}, '
+        f"{jnp.dtype(dtype).name}, {head_dim}); use 'auto' or 'xla'.")
+  even = all(n % 2 == 0 for n in lengths)
+  return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable and even) else 'xla'
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+  """jax.nn.dot_product_attention of (B, N, H, D) inputs with odd lengths padded to even
+  and the padding masked (`query_seq_lengths`/`key_value_seq_lengths`), then cut off."""
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, t.shape[1] % 2), (0, 0), (0, 0)))
+  lengths = lambda t: jnp.full((t.shape[0],), t.shape[1], jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths(q),
+                                     key_value_seq_lengths=lengths(k),
+                                     implementation=implementation)
+  return out[:, :q.shape[1]]
 
 
 def layer_norm(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype | None,
@@ -75,8 +87,10 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   with model.attention's implementation."""
   heads = cfg.num_heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
-  implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads,
-                                            (q.shape[1], k.shape[1]))
+  lengths = (q.shape[1], k.shape[1])
+  implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads, lengths)
+  if implementation == 'cudnn' and any(n % 2 for n in lengths):
+    return padded_attention(split(q), split(k), split(v), implementation).reshape(q.shape)
   return jax.nn.dot_product_attention(split(q), split(k), split(v),
                                       implementation=implementation).reshape(q.shape)
 
