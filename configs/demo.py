@@ -11,12 +11,18 @@ used to choose.
 
 Learning rates: the best mean over seeds 0 and 1 (one seed chose an adapter
 rate that another seed did not survive). Two settings differ from the paper's
-defaults, each chosen on the same validation split with seed 0 (numbers in the
-README): the adapter scale is 1.0 (best 0.9644; s = 0.1 best 0.9621: one image
-apart on this backbone, but on a shorter-trained pilot backbone s = 0.1 lagged
-by more than a point, since the head and the adapters share one learning rate
-and at s = 0.1 the up-projections move 100x slower), and VPT-deep gets 16
-prompt tokens (best 0.9666; 4 tokens: 0.9577).
+defaults, both chosen on the same validation split:
+
+- The adapter scale is 16 (the paper: 0.1). The adapters share one SGD rate
+  with the head, and the scale works as the adapters' own rate multiplier: their
+  output and the up-projection's gradient both grow with it. At 200 steps they
+  need a far larger step than the head. Best mean validation top-1 over seeds 0
+  and 1 (rate in brackets; `--sweep --config.model.adapter.scale=S` gives
+  them): s = 1 96.66 (0.125), 2 96.66 (0.125), 4 97.22 (0.25), 8 97.44 (0.125),
+  16 97.88 (0.125), 32 97.66 (0.0625); full fine-tuning 98.00. At s = 16 the
+  rate grid 0.0625 / 0.125 / 0.25 / 0.5 gives 97.22 / 97.88 / 96.21 / 9.58:
+  twice the chosen rate is already near the edge of stability.
+- VPT-deep gets 16 prompt tokens (seed 0: 0.9666; 4 tokens: 0.9577).
 """
 import ml_collections
 
@@ -31,7 +37,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model = models.preset('vit_ti16', width=128, depth=6, num_heads=4, mlp_dim=512,
                         patch_size=4, image_size=16, num_classes=10, tuning='adaptformer',
                         pool='gap', head='bn_linear',
-                        adapter=dict(bottleneck=16, scale=1.0), vpt=dict(num_tokens=16),
+                        adapter=dict(bottleneck=16, scale=16.0), vpt=dict(num_tokens=16),
                         lora=dict(rank=4, alpha=4.0))
   config = recipes.base(model, 'sklearn_digits/half', train_pp='resize', eval_pp='resize',
                         normalize='none')
@@ -48,10 +54,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.seeds = (0, 1, 2)
   # SGD learning rate per 256 images for each method: the sweep's best mean validation top-1.
   config.methods = ml_collections.ConfigDict(dict(
-      linear=0.5, vpt_deep=0.5, adaptformer=0.25, lora=0.125, full=0.05))
+      linear=0.5, vpt_deep=0.5, adaptformer=0.125, lora=0.125, full=0.05))
   config.sweep = ml_collections.ConfigDict(dict(
       seeds=(0, 1), train_split='train[:50%]', val_split='train[50%:]',
       base_lrs=dict(linear=(0.5, 1.0, 2.0, 4.0), vpt_deep=(0.25, 0.5, 1.0, 2.0),
-                    adaptformer=(0.25, 0.5, 1.0, 2.0), lora=(0.125, 0.25, 0.5, 1.0),
+                    adaptformer=(0.0625, 0.125, 0.25, 0.5), lora=(0.125, 0.25, 0.5, 1.0),
                     full=(0.05, 0.1, 0.2, 0.4))))
   return config

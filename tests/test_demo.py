@@ -23,7 +23,8 @@ def test_adapts_the_shipped_backbone_over_seeds_and_writes_the_summary(tmp_path,
   config = _short(shipped_config('demo'), data_dir, steps=30)
   assert config.init_from == assets.DEMO_BACKBONE
   config.seeds = (0, 1)
-  config.methods = ml_collections.ConfigDict(dict(linear=4.0, adaptformer=1.0))
+  config.methods = ml_collections.ConfigDict(dict(linear=4.0,
+                                                 adaptformer=config.methods.adaptformer))
   summary = demo.run(config, str(tmp_path))
 
   with open(tmp_path / 'summary.json') as f:
