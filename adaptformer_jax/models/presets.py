@@ -136,7 +136,8 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       # memory; trainable leaves and their optimizer state stay float32.
       frozen_dtype='float32',
       # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (fused, NVIDIA
-      # GPUs, bf16) or 'auto' (cuDNN where it applies, XLA elsewhere).
+      # GPUs, bf16) or 'auto' (cuDNN where it is known to apply, XLA elsewhere;
+      # vit.attention_implementation).
       attention='auto',
       # 'none' | 'block' | 'dots' or False | True, see vit.REMAT; untyped, so both
       # `--config.model.remat=dots` and `=True` parse.
