@@ -8,11 +8,11 @@ other, each in its own process with a share of --budget_s:
   jax      ViT-B/16 at 224 px, adaptformer and full, bf16 compute (f32 params) and
            f32 (TF32 matmuls, JAX's GPU default), at each of the table's batches:
            ms/step, img/s, MFU, peak device memory; the adaptformer bf16 step
-           with model.attention='xla', with model.frozen_dtype='bfloat16', and
+           with model.attention='xla', with model.frozen_dtype='bfloat16',
            without the class token (196 tokens: 'auto' takes cuDNN's fused
            attention only for even token counts), and with model.attention=
-           'cudnn' (197 tokens padded to 198, masked); the largest power-of-two batch that fits for ViT-B/16,
-           ViT-L/16 and ViT-H/14 adaptformer (bf16).
+           'cudnn' (197 tokens padded to 198, masked); the largest power-of-two
+           batch that fits for ViT-B/16, ViT-L/16 and ViT-H/14 adaptformer (bf16).
   torch    the same ViT-B/16 steps in PyTorch (CUDA, SDPA, bf16 autocast), and
            torch.compile of the headline step when it compiles within 2
            minutes (skipped with a note when torch is missing).
@@ -156,7 +156,7 @@ def flops_part(plan, out, deadline):
   """FLOPs per step from XLA's cost analysis of each step lowered for the CPU with
   attention='xla' (runs with JAX_PLATFORMS=cpu). On the GPU the analysis misses
   cuBLAS's matmuls and cuDNN's attention (custom calls): jax 0.11.2 on an H100
-  answered None for a lowered step and about 1/12 of the FLOPs for a compiled one.
+  answered None for a lowered step and 0.68 of 9.03 TFLOP for a compiled one.
   Max-batch rows get FLOPs per image, lowered at the first probe batch."""
   def flops(model, row):
     trainer = steps.make_trainer(model_cfg(model, {**row, 'attention': 'xla'}), row['batch'])
