@@ -29,6 +29,7 @@ import safetensors.numpy
 from adaptformer_jax import files
 from adaptformer_jax import integrity
 from adaptformer_jax.errors import ConfigError
+from adaptformer_jax.errors import first_line
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.models import methods
 
@@ -202,11 +203,6 @@ def latest_step(workdir: str) -> int | None:
     return None
   with Checkpointer(workdir, read_only=True) as ckpt:
     return ckpt.latest_step()
-
-
-def first_line(error: BaseException) -> str:
-  """The gist of a library exception, for one-line messages."""
-  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def restore_path(path: str, abstract_state: Any) -> Any:

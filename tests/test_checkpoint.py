@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from adaptformer_jax import checkpoint
+from adaptformer_jax import errors
 from adaptformer_jax.errors import UserError
 from conftest import tiny_cfg
 
@@ -72,5 +73,9 @@ def test_adapters_of_another_architecture_are_refused(tmp_path):
 
 
 def test_first_line_is_the_gist_of_an_error():
-  assert checkpoint.first_line(ValueError('bad thing\n  details')) == 'bad thing'
-  assert checkpoint.first_line(KeyError()) == 'KeyError'
+  assert errors.first_line(ValueError('bad thing\n  details')) == 'bad thing'
+  assert errors.first_line(KeyError()) == 'KeyError'
+  # A long path keeps its end (a 200-character cut once hid which file was damaged).
+  long = f'/tmp/{"d" * 400}/file: content differs from its SHA-256 in manifest.sha256'
+  assert errors.first_line(ValueError(long)) == long
+  assert errors.first_line(ValueError('x' * 5000)) == 'x' * 1000 + '…'
