@@ -282,11 +282,13 @@ def _aligned_linear(old, new):
 # ---------------------------------------------------------------- reading files
 
 
-def _read(path):
-  """({name: np.ndarray}, file kind) for any supported container."""
+def container(path: str | os.PathLike) -> str:
+  """'orbax', 'torch', 'safetensors' or 'npz' from the path and the file's first bytes;
+  a UserError for a missing path or an unknown format. Reads no weights, so a job
+  can check `init_from` in a moment, before it prepares data or builds a model."""
   path = os.fspath(path)
   if os.path.isdir(path):
-    return _read_orbax(path), 'orbax'
+    return 'orbax'
   if not os.path.isfile(path):
     raise UserError(f'pretrained checkpoint {path!r} does not exist; pass a .pth, '
                     '.safetensors or .npz file, or an orbax checkpoint directory.')
@@ -298,8 +300,15 @@ def _read(path):
   if kind is None:
     raise UserError(f'{path}: not a checkpoint this loader knows; expected a PyTorch '
                     '.pth, a .safetensors, a big_vision .npz or an orbax directory.')
-  reader = {'torch': _read_torch, 'safetensors': _read_safetensors, 'npz': _read_npz}
-  return reader[kind](path), kind
+  return kind
+
+
+def _read(path):
+  """({name: np.ndarray}, file kind) for any supported container."""
+  kind = container(path)
+  reader = {'orbax': _read_orbax, 'torch': _read_torch, 'safetensors': _read_safetensors,
+            'npz': _read_npz}
+  return reader[kind](os.fspath(path)), kind
 
 
 def _sniff(path):

@@ -278,6 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch split) is, first. The run owns the workdir (workdirs.Lock) until it returns.
   SIGTERM/SIGINT save the current step and raise Interrupted.
   """
+  config_check.validate(config)
+  if config.init_from and checkpoint.latest_step(workdir) is None:  # a resume does not read it
+    pretrained.container(config.init_from)  # a wrong path fails now, not after the data
   info, trainer = setup(config)
   config = trainer.run.config
   with workdirs.Lock(workdir):

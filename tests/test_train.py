@@ -106,6 +106,17 @@ def test_conflicting_config_on_resume_is_refused(trained):
     train.train_and_evaluate(changed, workdir)
 
 
+def test_a_wrong_init_from_fails_before_the_data_is_read(tmp_path):
+  """The checkpoint path is checked first: here the dataset is not prepared either,
+  and the error must still be the path's (reading data and building the model take
+  seconds; the path check a moment)."""
+  config = tiny_run_config(data_dir=str(tmp_path / 'no_data'),
+                           init_from=str(tmp_path / 'missing.pth'))
+  with pytest.raises(UserError, match='missing.pth.*does not exist'):
+    train.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists() and not (tmp_path / 'no_data').exists()
+
+
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, data_dir):
   config = tiny_run_config(data_dir=data_dir, num_train_steps=10, log_every_steps=5)
   config.optimizer.base_lr = 1e30
