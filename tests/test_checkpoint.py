@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from adaptformer_jax import checkpoint
-from adaptformer_jax import errors
 from adaptformer_jax.errors import UserError
 from conftest import tiny_cfg
 
@@ -70,12 +69,3 @@ def test_adapters_of_another_architecture_are_refused(tmp_path):
   checkpoint.export_adapters(str(tmp_path), variables, mask, tiny_cfg(), [])
   with pytest.raises(UserError, match='trained for another model.*depth: adapters 2'):
     checkpoint.swap_in_adapters(str(tmp_path), variables, mask, tiny_cfg(depth=3))
-
-
-def test_first_line_is_the_gist_of_an_error():
-  assert errors.first_line(ValueError('bad thing\n  details')) == 'bad thing'
-  assert errors.first_line(KeyError()) == 'KeyError'
-  # A long path keeps its end (a 200-character cut once hid which file was damaged).
-  long = f'/tmp/{"d" * 400}/file: content differs from its SHA-256 in manifest.sha256'
-  assert errors.first_line(ValueError(long)) == long
-  assert errors.first_line(ValueError('x' * 5000)) == 'x' * 1000 + '…'
