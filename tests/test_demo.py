@@ -18,6 +18,7 @@ def _short(config, data_dir, steps):
   return config
 
 
+@pytest.mark.slow
 def test_adapts_the_shipped_backbone_over_seeds_and_writes_the_summary(tmp_path, data_dir,
                                                                        capsys):
   config = _short(shipped_config('demo'), data_dir, steps=30)

@@ -91,6 +91,7 @@ def test_bad_mae_settings_are_refused(field, value, message):
     models.build(mae_cfg(**{field: value}))
 
 
+@pytest.mark.slow
 def test_pretraining_trains_exports_the_encoder_and_loads_as_mae(tmp_path, data_dir):
   from adaptformer_jax import jobs  # pylint: disable=g-import-not-at-top
   config = tiny_run_config('full', data_dir=data_dir, num_train_steps=6,
