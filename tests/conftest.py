@@ -10,13 +10,6 @@ import pytest  # noqa: E402
 from adaptformer_jax import models  # noqa: E402
 
 
-def pytest_collection_modifyitems(items):
-  """Files with a slow test run first: `make test`'s two workers (pytest-xdist, a file
-  each) then end together instead of one finishing a long file alone."""
-  slow_files = {item.path for item in items if item.get_closest_marker('slow')}
-  items.sort(key=lambda item: item.path not in slow_files)  # stable: order kept otherwise
-
-
 # Two 32 px images for the model tests (tiny_cfg's image size).
 IMAGES = np.random.RandomState(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
 
