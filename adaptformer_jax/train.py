@@ -260,13 +260,18 @@ def _num_frames(model_cfg: ml_collections.ConfigDict) -> int | None:
   return shape[0] if len(shape) == 4 else None
 
 
-def setup(config: ml_collections.ConfigDict) -> tuple[Any, Trainer]:
+def setup(config: ml_collections.ConfigDict,
+          workdir: str | None = None) -> tuple[Any, Trainer]:
   """The dataset info and the Trainer planned on it; `trainer.run.config` has the class
   count resolved (model.num_classes=0: from the data) or checked against the data.
 
-  Every job starts here, so here the whole config is validated, before any of it is used.
+  Every job starts here, so here the whole config is validated, before any of it is used;
+  for a training run in `workdir` that will start from `init_from` (no checkpoint there
+  yet), a missing or unknown file fails now too, not after the data is prepared.
   """
   config_check.validate(config)
+  if workdir is not None and config.init_from and checkpoint.latest_step(workdir) is None:
+    pretrained.container(config.init_from)
   info = data.info(config.data)
   return info, Trainer(Run(data.with_num_classes(config, info)), info.num_train)
 
@@ -278,10 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch split) is, first. The run owns the workdir (workdirs.Lock) until it returns.
   SIGTERM/SIGINT save the current step and raise Interrupted.
   """
-  config_check.validate(config)
-  if config.init_from and checkpoint.latest_step(workdir) is None:  # a resume does not read it
-    pretrained.container(config.init_from)  # a wrong path fails now, not after the data
-  info, trainer = setup(config)
+  info, trainer = setup(config, workdir)
   config = trainer.run.config
   with workdirs.Lock(workdir):
     workdirs.prepare(config, workdir)
