@@ -22,3 +22,10 @@ def first_line(error: BaseException, limit: int = 1000) -> str:
   with '…' only past `limit` characters (paths in it can be long; their ends matter)."""
   line = (str(error).strip().splitlines() or [type(error).__name__])[0]
   return line if len(line) <= limit else line[:limit] + '…'
+
+
+def described(error: BaseException) -> str:
+  """'ValueError: its first line', or only the type's name when the message is empty."""
+  line = first_line(error)
+  name = type(error).__name__
+  return name if line == name else f'{name}: {line}'

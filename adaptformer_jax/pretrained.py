@@ -26,7 +26,7 @@ import numpy as np
 
 from adaptformer_jax import integrity
 from adaptformer_jax.errors import UserError
-from adaptformer_jax.errors import first_line
+from adaptformer_jax.errors import described
 from adaptformer_jax.models import methods
 from adaptformer_jax.models import presets
 
@@ -334,8 +334,8 @@ def _sniff(path):
 
 
 def _unreadable(path, what, e):
-  return UserError(f'{path}: could not read it as {what} ({type(e).__name__}: '
-                   f'{first_line(e)}); the file may be truncated or corrupt: download it again.')
+  return UserError(f'{path}: could not read it as {what} ({described(e)}); '
+                   'the file may be truncated or corrupt: download it again.')
 
 
 def _read_torch(path):

@@ -15,3 +15,9 @@ def test_did_you_mean_names_the_closest_choice_or_nothing():
   assert errors.did_you_mean('adaptfromer', ['adaptformer', 'linear']) == \
       " (did you mean 'adaptformer'?)"
   assert errors.did_you_mean('zzz', ['adaptformer', 'linear']) == ''
+
+
+def test_described_names_the_type_once():
+  assert errors.described(ValueError('bad thing\n  details')) == 'ValueError: bad thing'
+  # An empty message once gave 'ValueError: ValueError'.
+  assert errors.described(ValueError()) == 'ValueError'

@@ -18,6 +18,7 @@ from absl import logging
 import numpy as np
 
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.errors import described
 
 _SEPARATOR = re.compile(r'[\s,]+')
 _SHOWN = 3  # offending lines quoted in an error
@@ -87,7 +88,7 @@ class Decoder:
         return np.stack(frames)
       reason = 'no video frames'
     except (av.error.FFmpegError, ValueError, OSError) as e:
-      reason = f'{type(e).__name__}: {e}'
+      reason = described(e)
     with self._lock:
       self.skipped += 1
       logging.warning('Skipping unreadable video %s (%s); %d skipped so far.',
