@@ -30,7 +30,8 @@ TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# gpu_check.py wants a GPU (see benchmarks/RESULTS.md); machine.py and steps.py are helpers.
+# gpu_check.py wants a GPU (see benchmarks/RESULTS.md); step_profile.py is a diagnosis, not a
+# ratio; machine.py and steps.py are helpers.
 bench: install
 	for b in train_step_vs_torch adapter_vs_full memory input_pipeline checkpoint_manifest; do \
 	  echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done

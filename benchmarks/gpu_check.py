@@ -1,8 +1,8 @@
 """One command for the first GPU that comes: step time, MFU, memory, PyTorch, max batch, input rate.
 
 Made to run inside a few lent minutes (about 8 on one H100, compiles included),
-and to keep what it measured when it is cut off. Four parts run one after the
-other, each in its own process with a share of --budget_s:
+and to keep what it measured when it is cut off. Five parts run one after the
+other, each in its own process with a share of --budget_s (--parts picks some):
 
   flops    FLOPs of every step below, from XLA's cost analysis on the CPU.
   jax      ViT-B/16 at 224 px, adaptformer and full, bf16 compute (f32 params) and
@@ -13,6 +13,9 @@ other, each in its own process with a share of --budget_s:
            attention only for even token counts), and with model.attention=
            'cudnn' (197 tokens padded to 198, masked); the largest power-of-two
            batch that fits for ViT-B/16, ViT-L/16 and ViT-H/14 adaptformer (bf16).
+  profile  where the device time of the adaptformer bf16 step goes (197 tokens, and
+           196 where 'auto' takes cuDNN): kernel time by kind and by model part
+           (step_profile.py), with CUDA graphs off so that every kernel is seen.
   torch    the same ViT-B/16 steps in PyTorch (CUDA, SDPA, bf16 autocast), and
            torch.compile of the headline step when it compiles within 2
            minutes (skipped with a note when torch is missing).
@@ -37,7 +40,7 @@ peaks at two batches give memory = a + b * batch; the largest power of two under
 Each result is appended to OUT/rows.jsonl as it is measured; OUT/gpu_check.json
 and OUT/gpu_check.md are written at the end (also after a part timed out).
 
-  python benchmarks/gpu_check.py --out DIR [--budget_s 450]
+  python benchmarks/gpu_check.py --out DIR [--budget_s 450] [--parts jax,profile]
   python benchmarks/gpu_check.py --cpu_smoke --out DIR   # every code path, tiny model, CPU
 """
 import argparse
@@ -60,6 +63,7 @@ import numpy as np  # noqa: E402
 from adaptformer_jax import models  # noqa: E402
 from adaptformer_jax.models import vit  # noqa: E402
 import machine  # noqa: E402
+import step_profile  # noqa: E402
 import steps  # noqa: E402
 
 GIB = 2**30
@@ -84,6 +88,7 @@ class Plan:
   torch_compile_s: float  # torch.compile is timed only when it compiles within this
   shares: dict         # fraction of the budget per part
   padded_cudnn: bool   # a row with model.attention='cudnn' at an odd token count (GPU only)
+  profile_batch: int   # batch of the profiled adaptformer bf16 steps
 
 
 TINY = dict(preset='vit_ti16', width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
@@ -94,13 +99,15 @@ FULL = Plan(model=dict(preset='vit_b16'), batches=(64, 128), dtypes=('bfloat16',
             probe_batches=(32, 64), max_batch_cap=8192, memory_limit=None, sample_s=1.0,
             pipeline_images=300, crop=224, torch_compile_backend='inductor',
             torch_compile_s=120,
-            shares=dict(flops=0.08, jax=0.62, torch=0.25, pipeline=0.05), padded_cudnn=True)
+            shares=dict(flops=0.08, jax=0.54, profile=0.08, torch=0.25, pipeline=0.05),
+            padded_cudnn=True, profile_batch=128)
 # One of each kind of row; torch.compile without inductor's C++ build (minutes on 2 cores).
 SMOKE = Plan(model=TINY, batches=(2,), dtypes=('bfloat16',), big=(('tiny', TINY),),
              probe_batches=(2, 4), max_batch_cap=32, memory_limit=16 * 2**20, sample_s=0.02,
              pipeline_images=6, crop=32, torch_compile_backend='eager',
              torch_compile_s=float('inf'),  # the budget decides on a loaded test host
-             shares=dict(flops=0.1, jax=0.5, torch=0.3, pipeline=0.1), padded_cudnn=False)
+             shares=dict(flops=0.1, jax=0.4, profile=0.1, torch=0.3, pipeline=0.1),
+             padded_cudnn=False, profile_batch=2)
 
 
 def emit(out, row):
@@ -250,21 +257,27 @@ def prepare(plan_model, row):
   return result
 
 
+def step_runner(trainer, compiled, num_steps=1):
+  """A function that runs `num_steps` steps of `compiled` from fresh state and waits."""
+  batch = trainer.run.config.batch_size
+  state, data = trainer.initial_state(), steps.device_batch(trainer, batch)
+
+  def run():
+    nonlocal state
+    for _ in range(num_steps):
+      state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics['loss'])
+
+  return run
+
+
 def run_jax(program, sample_s):
   """Times a compiled step on fresh state: {'ms', 'img_s', 'peak_bytes'} or {'error'}."""
   trainer, compiled = program
   batch = trainer.run.config.batch_size
   try:
-    state, data = trainer.initial_state(), steps.device_batch(trainer, batch)
-
-    def step():
-      nonlocal state
-      state, metrics = compiled(state, data)
-      jax.block_until_ready(metrics['loss'])
-
-    seconds = timed(step, sample_s)
+    seconds = timed(step_runner(trainer, compiled), sample_s)
     stats = jax.devices()[0].memory_stats() or {}
-    del state
   except Exception as e:  # noqa: BLE001  e.g. RESOURCE_EXHAUSTED
     return {'error': error_text(e)}
   return {'ms': round(seconds * 1e3, 2), 'img_s': round(batch / seconds, 1),
@@ -322,6 +335,28 @@ def max_batch(plan, model, limit, probes, deadline):
             'skipped: out of budget'}
   except Exception as e:  # noqa: BLE001
     return {'error': error_text(e)}
+
+
+# ----------------------------------------------------------------------- profile
+
+
+def profile_part(plan, out, deadline, num_steps=3):
+  """Device time of the adaptformer bf16 step by kind and model part (step_profile.py),
+  as configured (ViT-B/16: 197 tokens) and with 196 tokens (where 'auto' takes cuDNN)."""
+  for extra in ({}, EVEN_TOKENS):
+    row = dict(tuning='adaptformer', dtype='bfloat16', batch=plan.profile_batch, **extra)
+    if time.time() > deadline:
+      emit(out, dict(kind='profile', row=row, error='skipped: out of budget'))
+      continue
+    try:
+      trainer, compiled = compile_step(plan.model, row)
+      run = step_runner(trainer, compiled, num_steps)
+      run()  # warm-up
+      summary = step_profile.profile(compiled.as_text(), run, num_steps)
+      emit(out, dict(kind='profile', row=row, attention=attention_used(trainer.run.config.model),
+                     **summary))
+    except Exception as e:  # noqa: BLE001
+      emit(out, dict(kind='profile', row=row, error=error_text(e)))
 
 
 # ------------------------------------------------------------------------- torch
@@ -525,6 +560,19 @@ def markdown(rows):
       lines.append(f"| {r['impl']} | {r['img_s_per_core']} | {cores} |")
   lines.append('')
   for r in rows:
+    if r['kind'] == 'profile':
+      row = r['row']
+      title = (f"profile, {row['tuning']} {row['dtype']} b{row['batch']}"
+               f"{', no class token' if 'class_token' in row else ''}, attention {r.get('attention')}")
+      if 'error' in r:
+        lines.append(f"- {title}: {r['error']}")
+        continue
+      kinds = ', '.join(f'{k} {ms:.2f}' for k, ms in r['kinds_ms'].items())
+      parts = ', '.join(f"{p['part']} {p['ms']:.2f}" for p in r['parts'][:8])
+      lines.append(f"- {title}: {r['wall_ms']:.1f} ms/step wall, {r['busy_ms']:.1f} ms busy "
+                   f"({r['busy_ms'] / r['wall_ms']:.0%}); ms by kind: {kinds}; "
+                   f"no instruction {r['unmatched_device_ms']:.2f}; heaviest parts: {parts}")
+  for r in rows:
     if r['kind'] == 'attention_check':
       lines.append(f"- attention 'auto' ({r.get('auto_is')}) vs 'xla', bf16 logits: max |diff| "
                    f"{r.get('max_abs_diff')} of max |logit| {r.get('max_abs_logit')}"
@@ -534,20 +582,25 @@ def markdown(rows):
   return '\n'.join(lines) + '\n'
 
 
-def drive(plan, out, budget_s, smoke):
-  """Runs the parts in their own processes within the budget and writes the report."""
+def drive(plan, out, budget_s, smoke, parts):
+  """Runs `parts` in their own processes within the budget (shared in the plan's
+  proportions) and writes the report."""
   os.makedirs(out, exist_ok=True)
   rows_path = os.path.join(out, ROWS_FILE)
   if os.path.exists(rows_path):
     os.remove(rows_path)
   start = time.time()
-  for part, share in plan.shares.items():
-    limit = budget_s * share if part != 'pipeline' else budget_s - (time.time() - start)
+  shares = {p: share for p, share in plan.shares.items() if p in parts}
+  for part, share in shares.items():
+    last = part == list(shares)[-1]
+    limit = budget_s - (time.time() - start) if last else budget_s * share / sum(shares.values())
     args = [sys.executable, __file__, f'--part={part}', f'--out={out}',
             f'--deadline={time.time() + limit * 0.9}'] + (['--cpu_smoke'] if smoke else [])
     env = dict(os.environ)
     if part == 'jax':  # the max-batch search wants (nearly) all of the device's memory
       env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
+    elif part == 'profile':  # kernels inside a CUDA graph would report the graph's name
+      env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_gpu_enable_command_buffer=').strip()
     else:  # JAX must not take the GPU from PyTorch
       env['JAX_PLATFORMS'] = 'cpu'
     try:
@@ -566,7 +619,8 @@ def drive(plan, out, budget_s, smoke):
   print(f'gpu_check: {time.time() - start:.0f} s, {len(rows)} rows in {out}')
 
 
-PARTS = {'flops': flops_part, 'jax': jax_part, 'torch': torch_part, 'pipeline': pipeline_part}
+PARTS = {'flops': flops_part, 'jax': jax_part, 'profile': profile_part, 'torch': torch_part,
+         'pipeline': pipeline_part}
 
 
 def main():
@@ -575,6 +629,8 @@ def main():
   parser.add_argument('--budget_s', type=float, default=450)
   parser.add_argument('--cpu_smoke', action='store_true',
                       help='the same code paths on a tiny model (the test suite runs this)')
+  parser.add_argument('--parts', default=','.join(PARTS),
+                      help=f'comma-separated, in their fixed order: {",".join(PARTS)}')
   parser.add_argument('--part', choices=(*PARTS, 'torch_compile'), help=argparse.SUPPRESS)
   parser.add_argument('--deadline', type=float, help=argparse.SUPPRESS)
   parser.add_argument('--row', help=argparse.SUPPRESS)
@@ -585,7 +641,11 @@ def main():
   elif args.part:
     PARTS[args.part](plan, args.out, args.deadline)
   else:
-    drive(plan, args.out, args.budget_s, args.cpu_smoke)
+    parts = args.parts.split(',')
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+      parser.error(f'--parts: unknown {", ".join(unknown)}; choose from {",".join(PARTS)}')
+    drive(plan, args.out, args.budget_s, args.cpu_smoke, parts)
 
 
 if __name__ == '__main__':

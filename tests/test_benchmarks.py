@@ -42,6 +42,14 @@ def test_benchmark_train_step_never_imports_tensorflow(tmp_path):
   assert 'tensorflow loaded: False' in proc.stdout
 
 
+def test_gpu_check_names_an_unknown_part_and_runs_nothing(tmp_path):
+  proc, _ = run_without_tensorflow([os.path.join(BENCHMARKS, 'gpu_check.py'), '--parts=jax,jx',
+                                    f'--out={tmp_path / "out"}'], tmp_path, timeout=120)
+  assert proc.returncode == 2
+  assert '--parts: unknown jx; choose from flops,jax,profile,torch,pipeline' in proc.stderr
+  assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke_runs_every_part_without_tensorflow(tmp_path):
   out = tmp_path / 'out'
@@ -69,8 +77,13 @@ def test_gpu_check_cpu_smoke_runs_every_part_without_tensorflow(tmp_path):
   assert max_batch['batch'] >= 1 and max_batch['compiled_bytes'] <= 16 * 2**20
   (check,) = [r for r in rows if r['kind'] == 'attention_check']
   assert check['auto_is'] == 'xla' and check['max_abs_diff'] == 0
+  profiles = [r for r in rows if r['kind'] == 'profile']  # with and without the class token
+  assert [r['row'].get('class_token', True) for r in profiles] == [True, False]
+  assert all(r['kinds_ms'].get('matmul', 0) > 0 and r['busy_ms'] > 0 for r in profiles)
+  assert any(p['part'].startswith('backward block*/') for r in profiles for p in r['parts'])
   (pipeline,) = [r for r in rows if r['kind'] == 'pipeline']
   assert pipeline['img_s_per_core'] > 0 and pipeline['impl'].startswith('PIL')
   assert any('TensorFlow is not installed' in r.get('text', '') for r in rows)
   report = (out / 'gpu_check.md').read_text()
   assert '| jax | adaptformer | bfloat16 | 2 |' in report
+  assert '- profile, adaptformer bfloat16 b2, no class token, attention xla: ' in report
