@@ -32,7 +32,7 @@ _OPCODE = re.compile(r'^.*?\s([a-z][a-z0-9\-_]*)\(')
 
 
 def instructions(hlo_text):
-  """{instruction name: (opcode, rest of its line, [names of the computations it calls])}."""
+  """{instruction name: (opcode, rest of its line, [computations it calls], its computation)}."""
   result, computation = {}, None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
