@@ -237,11 +237,12 @@ def step_metadata(path: str) -> dict[str, Any]:
 
 def export_adapters(out_dir: str, variables: dict[str, Any], mask: Any,
                     model_cfg: ml_collections.ConfigDict, class_names: Sequence[str],
-                    source: str | None = None,
+                    source: str | None = None, backbone: dict[str, Any] | None = None,
                     overwrite: bool = False) -> dict[str, np.ndarray]:
   """Writes the trainable leaves (+ batch_stats) and the config that rebuilds the model.
 
-  `source` (the checkpoint step exported) is recorded with them. A directory that
+  `source` (the checkpoint step exported) and `backbone` (`backbone_record`: what the
+  frozen weights they need were) are recorded with them. A directory that
   already holds other files or a different export is refused unless `overwrite`;
   each file is replaced atomically.
   """
@@ -255,7 +256,7 @@ def export_adapters(out_dir: str, variables: dict[str, Any], mask: Any,
   weights = safetensors.numpy.save(tensors)
   config = json.dumps({'format': 'adaptformer_jax.adapters/1', 'model': model_cfg.to_dict(),
                        'class_names': list(class_names), 'tensors': sorted(tensors),
-                       'checkpoint': source}, indent=2)
+                       'checkpoint': source, 'backbone': backbone}, indent=2)
   _check_export_dir(out_dir, weights, overwrite)
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -282,6 +283,38 @@ def _check_export_dir(out_dir: str, weights: bytes, overwrite: bool) -> None:
           f'other files ({", ".join(sorted(present)[:3])})')
   raise UserError(f'--out {out_dir} already holds {what}; pass --overwrite to replace it, '
                   'or choose a new directory.')
+
+
+def backbone_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The frozen weights a run's adapters were trained on: `config.init_from` (with its
+  SHA-256 while it is a readable file) or, without one, a fresh init from `config.seed`."""
+  init_from = config.init_from
+  digest = integrity.sha256(init_from) if init_from and os.path.isfile(init_from) else None
+  return {'init_from': init_from, 'sha256': digest, 'seed': config.seed}
+
+
+def check_backbone(adapter_dir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to swap adapters into frozen weights other than those they were trained on
+  (exports from before the record are taken as they are)."""
+  trained = read_adapter_config(adapter_dir).get('backbone')
+  if not trained:
+    return
+  now = backbone_record(config)
+  where = f'--adapters {adapter_dir} were trained'
+  if trained['init_from'] and not now['init_from']:
+    raise UserError(f"{where} on the backbone {trained['init_from']}; pass it with "
+                    f"--config.init_from={trained['init_from']}.")
+  if not trained['init_from'] and now['init_from']:
+    raise UserError(f"{where} on a randomly initialised backbone (seed {trained['seed']}), "
+                    f"not on {now['init_from']}; drop --config.init_from.")
+  if not trained['init_from'] and trained['seed'] != now['seed']:
+    raise UserError(f"{where} on a randomly initialised backbone from seed {trained['seed']}; "
+                    f"pass --config.seed={trained['seed']}.")
+  if trained['sha256'] and now['sha256'] and trained['sha256'] != now['sha256']:
+    logging.warning('%s on %s (SHA-256 %s), but config.init_from %s differs (SHA-256 %s): '
+                    'unless it holds the same weights in another file, the results are wrong.',
+                    where, trained['init_from'], trained['sha256'][:12], now['init_from'],
+                    now['sha256'][:12])
 
 
 def read_adapter_config(adapter_dir: str) -> dict[str, Any]:

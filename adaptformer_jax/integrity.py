@@ -24,7 +24,8 @@ class CorruptCheckpoint(UserError):
   """A checkpoint step whose files differ from its manifest."""
 
 
-def _sha256(path):
+def sha256(path: str) -> str:
+  """The file's SHA-256, hex."""
   with open(path, 'rb') as f:
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
@@ -42,7 +43,7 @@ def write_manifest(step_dir: str) -> None:
       continue
     for name in sorted(files):
       path = os.path.join(root, name)
-      lines.append(f'{_sha256(path)}  {os.path.relpath(path, step_dir)}\n')
+      lines.append(f'{sha256(path)}  {os.path.relpath(path, step_dir)}\n')
   tmp = os.path.join(step_dir, MANIFEST + '.tmp')
   with open(tmp, 'w') as f:
     f.writelines(lines)
@@ -64,7 +65,7 @@ def verify_manifest(step_dir: str) -> bool:
     path = os.path.join(step_dir, rel)
     if not os.path.isfile(path):
       raise CorruptCheckpoint(f'{path} is missing (listed in {MANIFEST}).')
-    if _sha256(path) != digest:
+    if sha256(path) != digest:
       raise CorruptCheckpoint(f'{path}: content differs from its SHA-256 in {MANIFEST} '
                               '(the file was damaged after it was saved).')
   return True

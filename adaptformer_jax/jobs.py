@@ -64,7 +64,9 @@ def _restore(config: ml_collections.ConfigDict, workdir: str | None,
              checkpoint_path: str | None = None) -> tuple[train.Run, train.TrainState, str]:
   """The run and trained state of a workdir (latest, or `checkpoint_path`), and the
   checkpoint step directory it came from; `model_config` has checked there is one."""
-  trainer = train.Trainer(train.Run(config))
+  # Restoring needs the train state's structure, which the schedule's length does not
+  # change: a schedule in epochs gets a nominal dataset size (the data is not read).
+  trainer = train.Trainer(train.Run(config), num_train=config.batch_size)
   if checkpoint_path:
     state = checkpoint.restore_path(checkpoint_path, trainer.abstract_state())
     return trainer.run, state, os.path.abspath(checkpoint_path)
@@ -86,6 +88,7 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str | None = None
   if not adapters:
     run, state, _ = _restore(config, workdir, checkpoint_path)
     return run, run.variables(state)
+  checkpoint.check_backbone(adapters, config)
   run = train.Run(config)
   variables = train.init_variables(config, run.model, jax.random.key(config.seed))
   variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
@@ -150,7 +153,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
   run, state, source = _restore(config, workdir, checkpoint_path)
   mask = mae.encoder_mask(run.mask) if models.is_pretraining(run.model) else run.mask
   return checkpoint.export_adapters(out_dir, run.variables(state), mask, config.model,
-                                    names, source=source, overwrite=overwrite)
+                                    names, source=source,
+                                    backbone=checkpoint.backbone_record(config),
+                                    overwrite=overwrite)
 
 
 def predict_files(config: ml_collections.ConfigDict, workdir: str | None,

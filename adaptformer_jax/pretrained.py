@@ -115,7 +115,7 @@ _BV_PREFIXES = ('params/img/', 'opt/target/', 'params/', '')
 
 def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
          init_variables: dict[str, Any] | None = None, rng: jax.Array | None = None,
-         strict: bool = True) -> dict[str, Any]:
+         strict: bool = True, init_has_backbone: bool = True) -> dict[str, Any]:
   """Variables for `models.build(model_cfg)` with the weights of checkpoint `path`.
 
   Args:
@@ -130,6 +130,8 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
     rng: used to init those leaves when `init_variables` is None (default key 0).
     strict: if False, checkpoint keys the model has no place for are a warning.
       It never lets a backbone leaf start fresh.
+    init_has_backbone: False when `init_variables` are a fresh init (training from
+      `config.init_from`): an adapter export then cannot supply the backbone.
 
   Returns:
     {'params': ..., 'batch_stats': ... (bn_linear head only)} of numpy arrays.
@@ -152,8 +154,13 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
   missing = sorted(set(target) - set(loaded))
   backbone = [k for k in target if not methods.FRESH_ON_LOAD.fullmatch(k)]
   # An adapter export holds no backbone leaf: the backbone comes from init_variables.
-  backbone_elsewhere = (layout == 'this project' and init_variables is not None
-                        and not any(k in loaded for k in backbone))
+  backbone_elsewhere = layout == 'this project' and not any(k in loaded for k in backbone)
+  if backbone_elsewhere and not (init_variables is not None and init_has_backbone):
+    raise UserError(
+        f'{path} holds no backbone, only adapters and a head (an adapter export): as '
+        'config.init_from pass the backbone they were trained on (adapter_config.json '
+        "beside it names it); to evaluate or predict with the export, pass its folder as "
+        '--adapters (in Python: load the backbone first and pass it as init_variables).')
   mismatched = {k for k, _ in problems['shape mismatches (checkpoint vs model)']}
   problems['missing from the checkpoint'] = [
       (k, f'{k} {tuple(target[k].shape)}') for k in missing

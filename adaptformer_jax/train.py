@@ -116,7 +116,8 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module,
   fresh = model.init(rng, jnp.zeros((1, *models.input_shape(config.model))), train=False)
   if not config.init_from:
     return dict(fresh)
-  loaded = pretrained.load(config.init_from, config.model, init_variables=fresh)
+  loaded = pretrained.load(config.init_from, config.model, init_variables=fresh,
+                           init_has_backbone=False)
   rules = [re.compile(r) for r in config.init_dont_load]
   keep_fresh = lambda path, new, old: old if any(
       r.fullmatch('/'.join(k.key for k in path[1:])) for r in rules) else new

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -69,3 +70,37 @@ def test_adapters_of_another_architecture_are_refused(tmp_path):
   checkpoint.export_adapters(str(tmp_path), variables, mask, tiny_cfg(), [])
   with pytest.raises(UserError, match='trained for another model.*depth: adapters 2'):
     checkpoint.swap_in_adapters(str(tmp_path), variables, mask, tiny_cfg(depth=3))
+
+
+def _export_trained_on(out, config):
+  variables, mask = _variables_and_mask()
+  checkpoint.export_adapters(str(out), variables, mask, tiny_cfg(), [],
+                             backbone=checkpoint.backbone_record(config))
+
+
+def test_adapters_go_back_onto_the_backbone_they_were_trained_on(tmp_path, caplog):
+  """Once any frozen weights of the right shapes took them, silently (a chance-level eval)."""
+  backbone, copy, other = (tmp_path / n for n in ('b.safetensors', 'c.safetensors', 'o.npz'))
+  backbone.write_bytes(b'weights')
+  copy.write_bytes(b'weights')
+  other.write_bytes(b'other weights')
+  config = lambda init_from='', seed=0: ml_collections.ConfigDict(
+      {'init_from': str(init_from), 'seed': seed})
+  on_file, on_seed = tmp_path / 'on_file', tmp_path / 'on_seed'
+  _export_trained_on(on_file, config(backbone))
+  _export_trained_on(on_seed, config(seed=3))
+  assert json.loads((on_file / checkpoint.ADAPTER_CONFIG).read_text())['backbone'] == {
+      'init_from': str(backbone), 'seed': 0,
+      'sha256': '9a129038d9a00aed0cf6a7ea059ca50a813449061ab87848cf1a13eafdf33b2c'}
+  checkpoint.check_backbone(str(on_file), config(copy, seed=7))  # same bytes: any seed
+  checkpoint.check_backbone(str(on_seed), config(seed=3))
+  assert not caplog.records
+  with pytest.raises(UserError, match=f'trained on the backbone {backbone}; pass it with '
+                     f'--config.init_from={backbone}'):
+    checkpoint.check_backbone(str(on_file), config())
+  with pytest.raises(UserError, match='randomly initialised backbone \\(seed 3\\), not on'):
+    checkpoint.check_backbone(str(on_seed), config(backbone, seed=3))
+  with pytest.raises(UserError, match='from seed 3; pass --config.seed=3'):
+    checkpoint.check_backbone(str(on_seed), config(seed=0))
+  checkpoint.check_backbone(str(on_file), config(other))  # may be the same weights: warned
+  assert 'differs' in caplog.text and 'the results are wrong' in caplog.text

@@ -98,6 +98,36 @@ def test_adapters_from_another_model_are_refused(trained, tmp_path):
     jobs.evaluate_workdir(other, str(tmp_path / 'eval'), adapters=out)
 
 
+def test_adapters_refuse_another_backbone_and_are_no_backbone_themselves(trained, tmp_path):
+  """Swapped into the wrong frozen weights, or passed as init_from, an export once gave
+  a chance-level model without a word."""
+  config, workdir, _ = trained
+  out = str(tmp_path / 'adapters')
+  jobs.export(config, workdir, out)
+  reseeded = tiny_run_config(data_dir=config.data.data_dir, seed=config.seed + 1)
+  with pytest.raises(UserError, match=f'pass --config.seed={config.seed}'):
+    jobs.evaluate_workdir(reseeded, str(tmp_path / 'eval'), adapters=out)
+  from_export = tiny_run_config(data_dir=config.data.data_dir,
+                                init_from=os.path.join(out, checkpoint.ADAPTER_WEIGHTS))
+  with pytest.raises(UserError, match='holds no backbone, only adapters and a head'):
+    train.init_variables(from_export, train.Run(from_export).model, jax.random.key(0))
+
+
+def test_a_run_scheduled_in_epochs_is_evaluated_exported_and_loaded(tmp_path, data_dir):
+  """Read-back jobs once asked for num_train_steps and warmup_steps, which every shipped
+  recipe leaves to epochs (-1)."""
+  config = tiny_run_config(data_dir=data_dir, num_train_steps=-1, num_epochs=1,
+                           warmup_steps=-1, warmup_epochs=0)
+  config.data.train_split = 'train[:160]'  # 5 steps
+  workdir = str(tmp_path / 'run')
+  result = train.train_and_evaluate(config, workdir)
+  assert checkpoint.latest_step(workdir) == 5
+  assert jobs.evaluate_workdir(config, workdir) == result
+  jobs.export(config, workdir, str(tmp_path / 'export'))
+  _, variables = jobs.load_variables(config, workdir)
+  assert 'params' in variables
+
+
 def test_conflicting_config_on_resume_is_refused(trained):
   config, workdir, _ = trained
   changed = tiny_run_config(data_dir=config.data.data_dir)
