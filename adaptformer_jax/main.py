@@ -28,10 +28,25 @@ flags.DEFINE_bool('overwrite', False, 'export: replace a different export alread
 flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
 flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', -1, 'Multi-host: index of this process.')
+# The flags only some modes read: given to another mode, one is a mistake, not a no-op.
+MODE_FLAGS = {'checkpoint': ('eval', 'export', 'predict'), 'adapters': ('eval', 'predict'),
+              'out': ('export', 'predict'), 'images': ('predict',), 'top_k': ('predict',),
+              'per_class': ('eval',), 'overwrite': ('export',)}
+
+
+def check_mode_flags(mode: str) -> None:
+  """A UserError naming the first flag given that `mode` does not read."""
+  for name, modes in MODE_FLAGS.items():
+    if mode not in modes and FLAGS[name].present:
+      why = (' (training resumes from the latest checkpoint of --workdir)'
+             if mode == 'train' and name == 'checkpoint' else '')
+      raise UserError(f'--{name} is for --mode {"/".join(modes)}, not --mode {mode}{why}; '
+                      'drop it.')
 
 
 def job(config: ml_collections.ConfigDict | None, images: list[str]) -> None:
   """The --mode job on `config` (None: the workdir's saved config, for eval/export/predict)."""
+  check_mode_flags(FLAGS.mode)
   # pylint: disable=g-import-not-at-top  # JAX and TF load only once the flags are good
   from adaptformer_jax import evaluate
   from adaptformer_jax import jobs
@@ -40,12 +55,17 @@ def job(config: ml_collections.ConfigDict | None, images: list[str]) -> None:
   from adaptformer_jax import workdirs
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
-  if not FLAGS.workdir:
+  # Predicting from an export or a checkpoint step needs no workdir (with --out).
+  workdir_free = FLAGS.mode == 'predict' and (FLAGS.adapters or FLAGS.checkpoint)
+  if not FLAGS.workdir and not workdir_free:
     raise UserError('--workdir is required: the directory for checkpoints and metrics.')
   if config is None:
     if FLAGS.mode == 'train':
       raise UserError('--config is required for training, e.g. '
                       '--config configs/cifar100.py:adaptformer.')
+    if not FLAGS.workdir:
+      raise UserError('--config is required without --workdir: the config the model was '
+                      'trained with (its data and init_from).')
     config = workdirs.load_config(FLAGS.workdir)
   if FLAGS.mode == 'train':
     train.train_and_evaluate(config, FLAGS.workdir)

@@ -304,6 +304,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
     state = trainer.initial_state()
   start = int(state.step)
   total = plan.total_steps
+  if start > total:
+    ckpt.close()
+    raise UserError(f'--workdir {workdir} already holds step {start}, past the {total} steps '
+                    'this config trains; evaluate it with --mode eval, or train into a new '
+                    'workdir.')
   logging.info('Data %s: %d classes (%s), %d training and %d eval images.', config.data.name,
                info.num_classes, _abbreviated(info.class_names), info.num_train, info.num_eval)
   logging.info('Training %s on %s: %d of %d trainable parameters, %d updates of %d images.',

@@ -95,6 +95,9 @@ CASES = {
     'folder_one_class': ('new', ['--config.data.name=folder:{one_class}'],
                          "only the class folder 'cats'; a classifier needs at least two"),
     'predict_without_images': ('trained', ['--mode=predict'], 'needs --images PATH'),
+    'checkpoint_in_train': ('trained', ['--checkpoint={trained}/checkpoints/0'],
+                            '--checkpoint is for --mode eval/export/predict, not --mode train '
+                            '(training resumes from the latest checkpoint of --workdir)'),
     'predict_missing_image': ('trained', ['--mode=predict', '--images={missing}'],
                               'missing: no such file or directory'),
 }
@@ -173,6 +176,17 @@ def test_bad_input_is_one_error_line(name, outcomes, inputs):
   assert before == after, 'the workdir changed'
   if CASES[name][0] == 'new' and 'init_from' not in name:  # refused before touching it
     assert not os.path.exists(inputs[0] / f'new_{name}')
+
+
+def test_predict_from_a_checkpoint_step_needs_no_workdir(inputs, cli_env, tmp_path):
+  root, paths = inputs
+  out = tmp_path / 'out'
+  proc = subprocess.run(cli(f'--config={paths["config"]}', '--mode=predict',
+                            f'--checkpoint={paths["trained"]}/checkpoints/0',
+                            f'--images={root / "one"}', f'--out={out}'),
+                        cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr
+  assert (out / 'predictions.csv').read_text().count('cats/0.png') == 1
 
 
 def test_a_failed_start_does_not_lock_the_workdir(tmp_path, data_dir):

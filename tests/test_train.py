@@ -128,6 +128,17 @@ def test_a_run_scheduled_in_epochs_is_evaluated_exported_and_loaded(tmp_path, da
   assert 'params' in variables
 
 
+def test_resuming_past_the_configured_steps_is_refused(trained, tmp_path):
+  """It once logged '-20 steps' and reported the longer-trained model as this config's."""
+  config, workdir, _ = trained
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  shorter = tiny_run_config(data_dir=config.data.data_dir, num_train_steps=20)
+  with pytest.raises(UserError, match='already holds step 40, past the 20 steps'):
+    train.train_and_evaluate(shorter, copy)
+  assert checkpoint.latest_step(copy) == 40
+
+
 def test_conflicting_config_on_resume_is_refused(trained):
   config, workdir, _ = trained
   changed = tiny_run_config(data_dir=config.data.data_dir)
