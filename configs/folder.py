@@ -4,9 +4,10 @@
       --config.data.name=folder:PATH --config.init_from=mae_pretrain_vit_base.pth \
       --workdir runs/my_images
 
-PATH holds PATH/<class>/<image> (or PATH/train/<class>/... and PATH/val/<class>/...);
-the class names are the folder names, sorted. Without PATH/val, `data.val_fraction` of
-each class is held out. model.num_classes = 0 takes the number of class folders.
+PATH holds PATH/<class>/<image> (or PATH/train/<class>/... and PATH/val/<class>/...,
+else PATH/test/<class>/...); the class names are the folder names, sorted. Without
+PATH/val or PATH/test, `data.val_fraction` of each class is held out.
+model.num_classes = 0 takes the number of class folders.
 """
 from adaptformer_jax import models
 from adaptformer_jax import recipes

@@ -92,6 +92,34 @@ def test_train_and_val_folders_are_the_splits(tmp_path):
   assert all('/val/' in p for p in got.paths['val'])
 
 
+def test_a_class_named_train_beside_other_classes_is_refused(tmp_path):
+  # train/ with class folders of its own would make steam vs electric of bus/car/train
+  for path in ('bus', 'car', 'train/steam', 'train/electric'):
+    write_image(str(tmp_path / path / '0.png'), (50, 50, 50))
+  with pytest.raises(UserError, match=r'has train/ beside bus/, car/: .*rename the class '
+                     r'folder train/'):
+    _read(tmp_path)
+  for name in ('bus', 'car', 'train'):  # train/ holding images, not classes
+    write_image(str(tmp_path / 'flat' / name / '0.png'), (50, 50, 50))
+  with pytest.raises(UserError, match='has train/ beside bus/, car/'):
+    _read(tmp_path / 'flat')
+
+
+def test_test_folder_is_the_validation_split_without_val(tmp_path, caplog):
+  for split in ('train', 'test'):
+    for name in ('x', 'y'):
+      write_image(str(tmp_path / split / name / '0.png'), (50, 50, 50))
+  got = _read(tmp_path)
+  assert [len(got.paths[s]) for s in folder.SPLITS] == [2, 2]
+  assert all('/test/' in p for p in got.paths['val'])
+  for name in ('x', 'y'):
+    write_image(str(tmp_path / 'val' / name / '0.png'), (50, 50, 50))
+  with caplog.at_level(logging.WARNING):
+    got = _read(tmp_path)
+  assert all('/val/' in p for p in got.paths['val'])
+  assert f'Not reading {tmp_path}/test: the validation split is {tmp_path}/val' in caplog.text
+
+
 def _take(iterator, n):
   return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
 

@@ -1,4 +1,4 @@
-"""Folder datasets: `PATH/<class>/<image>` (or `PATH/train|val/<class>/...`) as labelled files.
+"""Folder datasets: `PATH/<class>/<image>` (or `PATH/train|val|test/<class>/...`) as labelled files.
 
 Class names are the sorted class folder names. Every image is decoded once when a
 folder is first read, so an unreadable file is dropped (counted, logged; too many
@@ -40,10 +40,10 @@ def is_folder(name: str) -> bool:
 def read(name: str, *, val_fraction: float, max_unreadable_fraction: float) -> Folder:
   """Scans `folder:PATH`: classes, the train/val split and the readable images.
 
-  With `PATH/train/` the classes are its folders and `PATH/val/`, when present,
-  is the validation split; otherwise `val_fraction` of each class (at least one
-  image of any class with two) is held out, picked by a hash of the file's path
-  below PATH: the same files on every run and every host.
+  With `PATH/train/` the classes are its folders and `PATH/val/` (else `PATH/test/`),
+  when present, is the validation split; otherwise `val_fraction` of each class (at
+  least one image of any class with two) is held out, picked by a hash of the file's
+  path below PATH: the same files on every run and every host.
   """
   path = str(name)[len(PREFIX):]
   if not path:
@@ -54,16 +54,13 @@ def read(name: str, *, val_fraction: float, max_unreadable_fraction: float) -> F
     what = 'is not a directory' if os.path.exists(root) else 'does not exist'
     raise UserError(f'data.name: {name!r}: {root} {what}; pass folder:PATH with images '
                     'in PATH/<class>/.')
-  train_root = os.path.join(root, 'train')
-  split_layout = os.path.isdir(train_root)
-  class_root = train_root if split_layout else root
+  class_root, val_root = _layout(root)
   class_names = _class_folders(class_root)
   files = {'train': _images_by_class(class_root, class_names)}
-  val_root = os.path.join(root, 'val')
-  if split_layout and os.path.isdir(val_root):
+  if val_root:
     extra = sorted(set(_class_folders(val_root, required=False)) - set(class_names))
     if extra:
-      raise UserError(f'{val_root} has class folders that {train_root} lacks: '
+      raise UserError(f'{val_root} has class folders that {class_root} lacks: '
                       f"{', '.join(extra)}; both splits need the same classes.")
     files['val'] = _images_by_class(val_root, class_names, required=False)
   every = [p for split in files.values() for paths in split for p in paths]
@@ -139,6 +136,31 @@ def _pillow_rgb(contents) -> np.ndarray:
     contents = contents.item()
   with Image.open(io.BytesIO(contents)) as image:
     return np.asarray(image.convert('RGB'))
+
+
+def _layout(root):
+  """(the folder of the training class folders, the validation split's folder or None).
+
+  `root/train/` is a split only when `root` holds no folders but train/, val/ and
+  test/: a class named `train` beside other classes would otherwise turn them into
+  ignored folders, a classifier of the wrong classes.
+  """
+  folders = _class_folders(root, required=False)
+  if 'train' not in folders:
+    return root, None
+  others = ', '.join(f + '/' for f in folders if f not in ('train', 'val', 'test'))
+  if others:
+    raise UserError(
+        f'{root} has train/ beside {others}: split folders (train/, val/, test/) or class '
+        f'folders? For splits move {others} out of {root}; for classes rename the class '
+        'folder train/ (e.g. to trains/).')
+  val, test = (os.path.join(root, f) if f in folders else None for f in ('val', 'test'))
+  if val and test:
+    logging.warning('Not reading %s: the validation split is %s.', test, val)
+  elif test:
+    logging.info('%s is the validation split (there is no %s).', test,
+                 os.path.join(root, 'val'))
+  return os.path.join(root, 'train'), val or test
 
 
 def _class_folders(root, required=True):
