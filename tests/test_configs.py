@@ -8,18 +8,23 @@ shrinks only the model and the batch; tfds datasets are mocked
 import contextlib
 import pathlib
 
+from absl import flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import sharding
 from adaptformer_jax import train
 from adaptformer_jax.data import folder
 from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import pipeline
+from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.models import methods
+from adaptformer_jax.models import presets
 from conftest import make_image_folder
 from conftest import mock_tfds_metadata
 from conftest import shipped_config
@@ -58,6 +63,29 @@ def test_official_configs_state_the_papers_recipe(name):
     assert (opt.name, opt.momentum, opt.weight_decay) == ('sgd', 0.9, 0.0)
     # Full fine-tuning needs a far lower rate than the adapters (it diverges at theirs).
     assert opt.base_lr == (0.001 if method == 'full' else 0.1)
+
+
+def _parsed(*argv):
+  """The config of `--config ... --config.*` overrides, parsed as the CLI parses them."""
+  argv = ['main', *argv]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize('value, expected', [('learnable', 'learnable'), ('0.5', 0.5),
+                                             ('2', 2), ('learn', 'learn')])
+def test_adapter_scale_is_a_number_or_learnable_from_the_command_line(value, expected):
+  config = _parsed(f"--config={pathlib.Path(__file__).parent.parent / 'configs/cifar100.py'}"
+                   ':adaptformer', f'--config.model.adapter.scale={value}')
+  assert config.model.adapter.scale == expected
+  if expected == 'learn':
+    with pytest.raises(ConfigError, match="model.adapter.scale: 'learn' is neither"):
+      presets.validate(config.model)
+  else:
+    presets.validate(config.model)
+    config_check.validate(config.to_dict())
 
 
 def _tiny(config, data_dir):

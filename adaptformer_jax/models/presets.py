@@ -125,8 +125,11 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       layerscale=ml_collections.FieldReference(None, field_type=float),
       # Official AdaptFormer defaults: ffn_num=64, fixed scale 0.1, no LN,
       # dropout 0.1, parallel to the MLP; init 'lora' (up projection zero).
-      adapter=dict(bottleneck=64, scale=0.1, layernorm='none', dropout=0.1,
-                   placement='parallel', init='lora'),
+      # scale is a number or 'learnable'; untyped, so both
+      # `--config.model.adapter.scale=learnable` and `=0.5` parse.
+      adapter=dict(bottleneck=64,
+                   scale=ml_collections.FieldReference(0.1, field_type=object),
+                   layernorm='none', dropout=0.1, placement='parallel', init='lora'),
       vpt=dict(num_tokens=1),  # official --vpt_num default
       lora=dict(rank=8, alpha=8.0),
       # Regexes over parameter paths that train; empty = the tuning method's.
@@ -166,8 +169,8 @@ def _override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None
 
 
 def _assign(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  # ConfigDict locks a field's type on creation; scale may be a float or 'learnable'.
-  if key == 'scale' or key == 'trainable':
+  # ConfigDict locks a field's type on creation (adapter.scale is untyped instead).
+  if key == 'trainable':
     with cfg.ignore_type():
       cfg[key] = value
   else:
