@@ -17,6 +17,9 @@ def method_arg(arg: str | None, config_name: str) -> str:
     raise ConfigError(f'configs/{config_name}.py needs a tuning method: '
                       f'configs/{config_name}.py:METHOD with METHOD one of '
                       f"{', '.join(methods.METHODS)} (or a '+' combination).")
+  if ',' in arg:  # METHOD,PRESET of a config that fixes its backbone
+    raise ConfigError(f'configs/{config_name}.py:{arg}: this config takes no backbone '
+                      f'preset; pass configs/{config_name}.py:METHOD.')
   methods.parse(arg)
   return arg
 

@@ -1,4 +1,5 @@
-"""Your own images: a folder of class folders, with the official ViT-B/16 AdaptFormer recipe.
+"""Your own images: a folder of class folders, with the official ViT-B/16 AdaptFormer recipe;
+the argument picks the tuning method, or METHOD,PRESET also another backbone preset.
 
   python -m adaptformer_jax.main --config configs/folder.py:adaptformer \
       --config.data.name=folder:PATH --config.init_from=mae_pretrain_vit_base.pth \
@@ -14,9 +15,9 @@ from adaptformer_jax import recipes
 
 
 def get_config(arg=None):
-  method = recipes.method_arg(arg, 'folder')
+  method, backbone = recipes.method_and_backbone(arg, 'folder')
   model = models.preset(
-      'vit_b16', num_classes=1, image_size=224, head='bn_linear', tuning=method,
+      backbone, num_classes=1, image_size=224, head='bn_linear', tuning=method,
       adapter=dict(bottleneck=64, scale=0.1, dropout=0.1, placement='parallel'),
       vpt=dict(num_tokens=1), lora=dict(rank=8, alpha=8.0))
   model.num_classes = 0  # from the data: one output per class folder

@@ -65,6 +65,14 @@ def test_official_configs_state_the_papers_recipe(name):
     assert opt.base_lr == (0.001 if method == 'full' else 0.1)
 
 
+@pytest.mark.parametrize('name', OFFICIAL + ('folder',))
+def test_image_recipes_take_a_backbone_preset(name):
+  """`configs/NAME.py:METHOD,PRESET` (README, other backbone families), own images too."""
+  model = shipped_config(name, 'lora,vit_b14_dinov2').model
+  assert (model.name, model.patch_size, model.layerscale, model.tuning) == (
+      'vit_b14_dinov2', 14, 1e-5, 'lora')
+
+
 def _parsed(*argv):
   """The config of `--config ... --config.*` overrides, parsed as the CLI parses them."""
   argv = ['main', *argv]

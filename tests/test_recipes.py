@@ -22,6 +22,13 @@ def test_an_unknown_method_suggests_the_close_one():
     recipes.method_arg('vpt_dep', 'cifar100')
 
 
+def test_a_preset_for_a_config_without_one_says_so():
+  with pytest.raises(ConfigError, match=r'configs/ucf101\.py:adaptformer,vit_b14_dinov2: this '
+                                        r'config takes no backbone preset'):
+    recipes.method_arg('adaptformer,vit_b14_dinov2', 'ucf101')
+  assert recipes.method_and_backbone('lora,vit_s16', 'cifar100') == ('lora', 'vit_s16')
+
+
 def test_base_puts_data_overrides_next_to_the_defaults():
   config = recipes.base(tiny_cfg(), 'cifar10', eval_split='validation', normalize='cifar')
   assert (config.data.name, config.data.eval_split, config.data.normalize) == (
