@@ -31,13 +31,16 @@ def predict(variables, config, images: Sequence, *, batch_size: int = 0,
             progress: bool = False) -> np.ndarray:
   """(len(images), num_classes) softmax probabilities of the model `config.model`.
 
-  `images` are file paths (any format `folder.decode` reads) or uint8 arrays
+  `images` are all file paths (any format `folder.decode` reads) or all uint8 arrays
   (H, W) or (H, W, C) of any size; they get the eval preprocessing of
   `config.data` (eval_pp, normalize) at `config.model.image_size`. A file that
   cannot be decoded gets a row of NaN. Batches hold `batch_size` images
   (default `config.eval_batch_size`); the last is padded, so one compiled
   program serves every batch.
   """
+  if config.model.num_classes == 0:  # a config file's "from the data", as configs/folder.py
+    raise UserError('predict: config.model.num_classes is 0 (taken from the data); pass '
+                    'run.config of `run, variables = jobs.load_variables(config, workdir)`.')
   if len(models.input_shape(config.model)) != 3:
     raise UserError('--mode predict: the model takes video clips; predict classifies '
                     "images, so use an image model (model.patch_embed='2d').")

@@ -96,6 +96,22 @@ def test_arrays_must_be_uint8_images():
     predict.predict(variables, config, [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3))])
 
 
+def test_a_mix_of_paths_and_arrays_says_so(images):
+  config, variables = _model()
+  path = sorted(images[1])[0]
+  with pytest.raises(UserError, match=r'images\[0\] is a file path but images\[1\] is not; '
+                     'pass all file paths or all uint8 arrays'):
+    predict.predict(variables, config, [path, np.zeros((8, 8, 3), np.uint8)])
+
+
+def test_a_config_with_classes_from_the_data_names_run_config():
+  config, variables = _model()
+  config.model.num_classes = 0  # configs/folder.py before the data is read
+  with pytest.raises(UserError, match=r'num_classes is 0 .*pass run.config of `run, '
+                     r'variables = jobs.load_variables'):
+    predict.predict(variables, config, [np.zeros((16, 16, 3), np.uint8)])
+
+
 def test_a_video_model_is_refused():
   config, variables = _model()
   config.model = tiny_video_cfg(num_classes=3, image_size=16, patch_size=4)

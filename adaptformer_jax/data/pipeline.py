@@ -261,15 +261,20 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
 def image_batches(images, data_cfg, *, image_size, batch_size):
   """(indices, images) numpy batches of `images` with the eval preprocessing.
 
-  `images` are file paths or uint8 (H, W[, C]) arrays. Files that do not decode
+  `images` are all file paths or all uint8 (H, W[, C]) arrays. Files that do not decode
   are left out of the batches: their indices are missing, and the stream goes on.
   """
   pp = preprocess.make(data_cfg.eval_pp, image_size=image_size,
                        normalize=data_cfg.normalize, field='data.eval_pp')
   key = tf.constant([0, 0], tf.int64)  # as eval_iterator: random ops stay fixed
-  if all(isinstance(x, (str, os.PathLike)) for x in images):
+  is_path = [isinstance(x, (str, os.PathLike)) for x in images]
+  if all(is_path):
     ds = tf.data.Dataset.from_tensor_slices(tf.constant([os.fspath(p) for p in images]))
     ds = ds.map(folder.decode, num_parallel_calls=tf.data.AUTOTUNE)
+  elif any(is_path):  # files decode in the tf.data graph, arrays come from Python
+    raise UserError(f'images[{is_path.index(True)}] is a file path but '
+                    f'images[{is_path.index(False)}] is not; pass all file paths or all '
+                    'uint8 arrays (one call for each kind).')
   else:
     arrays = [np.asarray(x) for x in images]
     for i, x in enumerate(arrays):
