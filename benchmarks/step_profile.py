@@ -19,19 +19,22 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
 # Kinds, checked in this order on the ops an instruction runs (fusion bodies included).
 KINDS = ('attention (cuDNN)', 'attention matmul', 'matmul', 'convolution', 'reduce',
          'copy/transpose', 'elementwise')
-CONTAINERS = {'while', 'call', 'conditional', 'async-start', 'async-done'}  # time is in their bodies
+# Their time is their bodies' (traced themselves).
+CONTAINERS = {'while', 'call', 'conditional', 'async-start', 'async-done'}
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$')
 _OPCODE = re.compile(r'^.*?\s([a-z][a-z0-9\-_]*)\(')
 
 
-def instructions(hlo_text):
+def instructions(hlo_text: str) -> dict[str, tuple[str, str, list[str], str]]:
   """{instruction name: (opcode, rest of its line, [computations it calls], its computation)}."""
   result, computation = {}, None
   for line in hlo_text.splitlines():
@@ -48,7 +51,7 @@ def instructions(hlo_text):
   return result
 
 
-def instruction_kinds(hlo_text):
+def instruction_kinds(hlo_text: str) -> dict[str, tuple[str | None, str]]:
   """{instruction name: (kind, op_name)} for every instruction of a compiled program."""
   instrs = instructions(hlo_text)
   bodies = collections.defaultdict(list)
@@ -95,7 +98,7 @@ def instruction_kinds(hlo_text):
   return result
 
 
-def trace_events(run_steps, logdir):
+def trace_events(run_steps: Callable[[], None], logdir: str) -> tuple[list[dict], float]:
   """(events, wall seconds) of `run_steps()` under jax.profiler (it must wait for its results)."""
   with jax.profiler.trace(logdir, create_perfetto_trace=True):
     start = time.perf_counter()
@@ -107,15 +110,16 @@ def trace_events(run_steps, logdir):
   return (trace['traceEvents'] if isinstance(trace, dict) else trace), wall
 
 
-def model_part(op_name):
-  """'backward block*/mlp/fc2' from 'jit(train_step)/transpose(jvp(ViT))/block3/mlp/fc2/dot_general'."""
+def model_part(op_name: str) -> str:
+  """'backward block*/mlp/fc2' of 'jit(train_step)/transpose(jvp(ViT))/block3/mlp/fc2/dot'."""
   path = op_name.split('/')[1:-1]
   direction = 'backward' if any(p.startswith('transpose(') for p in path) else 'forward'
   path = [re.sub(r'^block\d+$', 'block*', p) for p in path if '(' not in p]
   return f"{direction} {'/'.join(path[:3])}" if path else 'outside the model (loss, update)'
 
 
-def summarize(events, kinds, num_steps, wall):
+def summarize(events: list[dict], kinds: dict[str, tuple[str | None, str]], num_steps: int,
+              wall: float) -> dict[str, Any]:
   """Time per step by kind, the busy share of the wall time, and the heaviest model parts
   (`model_part`: all blocks together, forward and backward apart).
 
@@ -152,18 +156,19 @@ def summarize(events, kinds, num_steps, wall):
   return {'wall_ms': round(wall * 1e3 / num_steps, 3), 'busy_ms': ms(busy),
           'kinds_ms': {k: ms(per_kind[k]) for k in KINDS if per_kind[k]},
           'unmatched_device_ms': ms(unmatched),
-          'parts': [{'part': part, 'ms': ms(t), 'kinds': [k for k, _ in part_kinds[part].most_common(2)]}
+          'parts': [{'part': part, 'ms': ms(t),
+                     'kinds': [k for k, _ in part_kinds[part].most_common(2)]}
                     for part, t in per_part.most_common(15)]}
 
 
-def profile(compiled_text, run_steps, num_steps):
+def profile(compiled_text: str, run_steps: Callable[[], None], num_steps: int) -> dict[str, Any]:
   """summarize() of `run_steps()` (which runs `num_steps` steps of the compiled program)."""
   with tempfile.TemporaryDirectory() as logdir:
     events, wall = trace_events(run_steps, logdir)
   return summarize(events, instruction_kinds(compiled_text), num_steps, wall)
 
 
-def report(summary):
+def report(summary: dict[str, Any]) -> str:
   """The summary as lines of text."""
   total = sum(summary['kinds_ms'].values())
   lines = [f"{summary['wall_ms']:.1f} ms/step wall, {summary['busy_ms']:.1f} ms busy "
