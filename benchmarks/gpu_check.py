@@ -61,6 +61,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from adaptformer_jax import models  # noqa: E402
+from adaptformer_jax.errors import described  # noqa: E402
 from adaptformer_jax.models import vit  # noqa: E402
 import machine  # noqa: E402
 import step_profile  # noqa: E402
@@ -116,10 +117,6 @@ def emit(out, row):
   with open(os.path.join(out, ROWS_FILE), 'a') as f:
     f.write(json.dumps(row) + '\n')
   print(json.dumps(row), flush=True)
-
-
-def error_text(e):
-  return f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
 
 
 def timed(step, sample_s, samples=3):
@@ -232,7 +229,7 @@ def compile_step(plan_model, row):
   except Exception as e:  # noqa: BLE001
     if 'attention' in row or attention_used(trainer.run.config.model) != 'cudnn':
       raise
-    print(f'cuDNN attention failed for {row}, using XLA attention: {error_text(e)}', flush=True)
+    print(f'cuDNN attention failed for {row}, using XLA attention: {described(e)}', flush=True)
     return compile_step(plan_model, {**row, 'attention': 'xla'})
 
 
@@ -253,22 +250,8 @@ def prepare(plan_model, row):
                   compile_s=round(time.perf_counter() - start, 1),
                   program=(trainer, compiled))
   except Exception as e:  # noqa: BLE001  one failed row must not end the check
-    result['error'] = error_text(e)
+    result['error'] = described(e)
   return result
-
-
-def step_runner(trainer, compiled, num_steps=1):
-  """A function that runs `num_steps` steps of `compiled` from fresh state and waits."""
-  batch = trainer.run.config.batch_size
-  state, data = trainer.initial_state(), steps.device_batch(trainer, batch)
-
-  def run():
-    nonlocal state
-    for _ in range(num_steps):
-      state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics['loss'])
-
-  return run
 
 
 def run_jax(program, sample_s):
@@ -276,10 +259,10 @@ def run_jax(program, sample_s):
   trainer, compiled = program
   batch = trainer.run.config.batch_size
   try:
-    seconds = timed(step_runner(trainer, compiled), sample_s)
+    seconds = timed(steps.step_runner(trainer, compiled), sample_s)
     stats = jax.devices()[0].memory_stats() or {}
   except Exception as e:  # noqa: BLE001  e.g. RESOURCE_EXHAUSTED
-    return {'error': error_text(e)}
+    return {'error': described(e)}
   return {'ms': round(seconds * 1e3, 2), 'img_s': round(batch / seconds, 1),
           'peak_bytes': stats.get('peak_bytes_in_use')}
 
@@ -299,7 +282,7 @@ def attention_check(plan, out):
                    max_abs_diff=float(np.abs(logits['auto'] - logits['xla']).max()),
                    max_abs_logit=float(np.abs(logits['xla']).max())))
   except Exception as e:  # noqa: BLE001
-    emit(out, dict(kind='attention_check', error=error_text(e)))
+    emit(out, dict(kind='attention_check', error=described(e)))
 
 
 def max_batch(plan, model, limit, probes, deadline):
@@ -334,7 +317,7 @@ def max_batch(plan, model, limit, probes, deadline):
     return {**result, 'error': 'no power-of-two batch fits' if batch < 1 else
             'skipped: out of budget'}
   except Exception as e:  # noqa: BLE001
-    return {'error': error_text(e)}
+    return {'error': described(e)}
 
 
 # ----------------------------------------------------------------------- profile
@@ -350,13 +333,13 @@ def profile_part(plan, out, deadline, num_steps=3):
       continue
     try:
       trainer, compiled = compile_step(plan.model, row)
-      run = step_runner(trainer, compiled, num_steps)
+      run = steps.step_runner(trainer, compiled, num_steps)
       run()  # warm-up
       summary = step_profile.profile(compiled.as_text(), run, num_steps)
       emit(out, dict(kind='profile', row=row, attention=attention_used(trainer.run.config.model),
                      **summary))
     except Exception as e:  # noqa: BLE001
-      emit(out, dict(kind='profile', row=row, error=error_text(e)))
+      emit(out, dict(kind='profile', row=row, error=described(e)))
 
 
 # ------------------------------------------------------------------------- torch
@@ -416,7 +399,7 @@ def run_torch(torch, cfg, batch, device, sample_s, compile_backend=None):
     peak_bytes = torch.cuda.max_memory_allocated() if device == 'cuda' else None
     del step
   except Exception as e:  # noqa: BLE001  e.g. CUDA out of memory, a failed compile
-    return {'error': error_text(e)}
+    return {'error': described(e)}
   return {'ms': round(seconds * 1e3, 2), 'img_s': round(batch / seconds, 1),
           'peak_bytes': peak_bytes, 'first_step_s': round(first_s, 1)}
 
@@ -476,7 +459,7 @@ def pipeline_part(plan, out, deadline):
                    img_s_per_core=round(len(jpegs) / (time.perf_counter() - start), 1),
                    jpeg_kib=round(kib, 1)))
   except Exception as e:  # noqa: BLE001
-    emit(out, dict(kind='pipeline', impl='PIL', error=error_text(e)))
+    emit(out, dict(kind='pipeline', impl='PIL', error=described(e)))
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError:

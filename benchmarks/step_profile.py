@@ -196,14 +196,7 @@ def main():
   print(machine.describe())
   trainer = steps.make_trainer(steps.model_config(args.preset, tuning=args.tuning), args.batch)
   compiled = steps.lower_step(trainer, args.batch).compile()
-  state, data = trainer.initial_state(), steps.device_batch(trainer, args.batch)
-
-  def run_steps():
-    nonlocal state
-    for _ in range(args.steps):
-      state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics['loss'])
-
+  run_steps = steps.step_runner(trainer, compiled, args.steps)
   run_steps()  # warm-up
   print(f'{args.preset} {args.tuning} train step, batch {args.batch}, {args.steps} steps profiled')
   print(report(profile(compiled.as_text(), run_steps, args.steps)))

@@ -77,14 +77,21 @@ def jax_step(tuning, batch, dtype='float32', remat='none', **overrides):
   trainer = make_trainer(model_config(tuning=tuning, dtype=dtype, remat=remat, **overrides),
                          batch)
   compiled = lower_step(trainer, batch).compile()
-  state, data = trainer.initial_state(), device_batch(trainer, batch)
+  return step_runner(trainer, compiled), compiled.cost_analysis()['flops']
 
-  def step():
+
+def step_runner(trainer, compiled, num_steps=1):
+  """A function that runs `num_steps` steps of `compiled` (on fresh state and a synthetic
+  batch) and waits for them."""
+  state, data = trainer.initial_state(), device_batch(trainer, trainer.run.config.batch_size)
+
+  def run():
     nonlocal state
-    state, metrics = compiled(state, data)
+    for _ in range(num_steps):
+      state, metrics = compiled(state, data)
     jax.block_until_ready(metrics['loss'])
 
-  return step, compiled.cost_analysis()['flops']
+  return run
 
 
 def torch_step(model_cfg, batch, device=None, compile_backend=None):
