@@ -1,21 +1,26 @@
 """One command for the first GPU that comes: step time, MFU, memory, PyTorch, max batch, input rate.
 
 Made to run inside a few lent minutes (about 8 on one H100, compiles included),
-and to keep what it measured when it is cut off. Five parts run one after the
+and to keep what it measured when it is cut off. Six parts run one after the
 other, each in its own process with a share of --budget_s (--parts picks some):
 
   flops    FLOPs of every step below, from XLA's cost analysis on the CPU.
   jax      ViT-B/16 at 224 px, adaptformer and full, bf16 compute (f32 params) and
            f32 (TF32 matmuls, JAX's GPU default), at each of the table's batches:
            ms/step, img/s, MFU, peak device memory; the adaptformer bf16 step
-           with model.attention='xla', with model.frozen_dtype='bfloat16',
+           with model.attention='xla', with model.frozen_dtype='bfloat16' and
            without the class token (196 tokens: 'auto' takes cuDNN's fused
-           attention only for even token counts), and with model.attention=
-           'cudnn' (197 tokens padded to 198, masked); the largest power-of-two
+           attention only for even token counts); the largest power-of-two
            batch that fits for ViT-B/16, ViT-L/16 and ViT-H/14 adaptformer (bf16).
+  variants the headline step (adaptformer bf16, batch 128) as configured and with
+           one change each, timed side by side: model.attention='cudnn' (197
+           tokens padded to 198, masked), 196 tokens, XLA options compiled into
+           that program alone (Triton GEMMs off, cuBLASLt), no adapter dropout,
+           tanh GELU -- which change moves the MFU.
   profile  where the device time of the adaptformer bf16 step goes (197 tokens, and
-           196 where 'auto' takes cuDNN): kernel time by kind and by model part
-           (step_profile.py), with CUDA graphs off so that every kernel is seen.
+           196 where 'auto' takes cuDNN): kernel time by kind, by model part and
+           by instruction (step_profile.py), with CUDA graphs off so that every
+           kernel is seen; the traces and compiled programs are kept in OUT.
   torch    the same ViT-B/16 steps in PyTorch (CUDA, SDPA, bf16 autocast), and
            torch.compile of the headline step when it compiles within 2
            minutes (skipped with a note when torch is missing).
@@ -40,12 +45,13 @@ peaks at two batches give memory = a + b * batch; the largest power of two under
 Each result is appended to OUT/rows.jsonl as it is measured; OUT/gpu_check.json
 and OUT/gpu_check.md are written at the end (also after a part timed out).
 
-  python benchmarks/gpu_check.py --out DIR [--budget_s 450] [--parts jax,profile]
+  python benchmarks/gpu_check.py --out DIR [--budget_s 450] [--parts variants,profile]
   python benchmarks/gpu_check.py --cpu_smoke --out DIR   # every code path, tiny model, CPU
 """
 import argparse
 import concurrent.futures
 import dataclasses
+import gzip
 import io
 import json
 import math
@@ -88,8 +94,10 @@ class Plan:
   torch_compile_backend: str
   torch_compile_s: float  # torch.compile is timed only when it compiles within this
   shares: dict         # fraction of the budget per part
-  padded_cudnn: bool   # a row with model.attention='cudnn' at an odd token count (GPU only)
+  variants: tuple      # (model overrides, XLA options) of the headline step, timed side by side
   profile_batch: int   # batch of the profiled adaptformer bf16 steps
+  profiles: tuple      # (label, model overrides) of the profiled steps, in order of need
+  keep_traces: int     # copy the first N profiles' traces (and every profiled program) to OUT
 
 
 TINY = dict(preset='vit_ti16', width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
@@ -100,15 +108,31 @@ FULL = Plan(model=dict(preset='vit_b16'), batches=(64, 128), dtypes=('bfloat16',
             probe_batches=(32, 64), max_batch_cap=8192, memory_limit=None, sample_s=1.0,
             pipeline_images=300, crop=224, torch_compile_backend='inductor',
             torch_compile_s=120,
-            shares=dict(flops=0.08, jax=0.54, profile=0.08, torch=0.25, pipeline=0.05),
-            padded_cudnn=True, profile_batch=128)
+            shares=dict(flops=0.06, jax=0.44, variants=0.14, profile=0.08, torch=0.23,
+                        pipeline=0.05),
+            variants=(
+                ({}, {}),  # as configured: the baseline measured beside the others
+                (dict(attention='cudnn'), {}),  # 197 tokens padded to 198, masked
+                (EVEN_TOKENS, {}),  # 196 tokens, where 'auto' is cuDNN
+                ({}, {'xla_gpu_enable_triton_gemm': False}),  # cuBLAS for every matmul
+                (EVEN_TOKENS, {'xla_gpu_enable_triton_gemm': False}),
+                ({}, {'xla_gpu_enable_cublaslt': True}),  # cuBLASLt (bias/GELU epilogues)
+                (dict(adapter=dict(dropout=0.0)), {}),  # the cost of the adapter's dropout RNG
+                (dict(gelu='tanh'), {}),  # the cost of the exact (erf) GELU
+            ),
+            profile_batch=128, keep_traces=2,
+            profiles=(('profile_197', {}), ('profile_cudnn', dict(attention='cudnn')),
+                      ('profile_196', EVEN_TOKENS)))
 # One of each kind of row; torch.compile without inductor's C++ build (minutes on 2 cores).
 SMOKE = Plan(model=TINY, batches=(2,), dtypes=('bfloat16',), big=(('tiny', TINY),),
              probe_batches=(2, 4), max_batch_cap=32, memory_limit=16 * 2**20, sample_s=0.02,
              pipeline_images=6, crop=32, torch_compile_backend='eager',
              torch_compile_s=float('inf'),  # the budget decides on a loaded test host
-             shares=dict(flops=0.1, jax=0.4, profile=0.1, torch=0.3, pipeline=0.1),
-             padded_cudnn=False, profile_batch=2)
+             shares=dict(flops=0.1, jax=0.3, variants=0.1, profile=0.1, torch=0.3, pipeline=0.1),
+             variants=(({}, {}), ({}, {'xla_cpu_enable_fast_math': False}),
+                       (dict(adapter=dict(dropout=0.0)), {})),
+             profile_batch=2, keep_traces=0,
+             profiles=(('profile_197', {}), ('profile_196', EVEN_TOKENS)))
 
 
 def emit(out, row):
@@ -143,13 +167,19 @@ def table_rows(plan):
            dict(tuning='adaptformer', dtype='bfloat16', batch=top, frozen_dtype='bfloat16'),
            # No class token: an even token count (196 for ViT-B/16), where 'auto' is cuDNN.
            dict(tuning='adaptformer', dtype='bfloat16', batch=top, **EVEN_TOKENS)]
-  if plan.padded_cudnn:  # 197 tokens padded to 198 for cuDNN (vit.padded_attention)
-    rows.append(dict(tuning='adaptformer', dtype='bfloat16', batch=top, attention='cudnn'))
   return rows
 
 
+def variant_rows(plan):
+  """The headline step (adaptformer bf16, the largest batch) with each of plan.variants'
+  model overrides and XLA options (row['xla'], compiled into that program alone)."""
+  headline = dict(tuning='adaptformer', dtype='bfloat16', batch=max(plan.batches))
+  return [{**headline, **model, **({'xla': xla} if xla else {})} for model, xla in plan.variants]
+
+
 def model_cfg(plan_model, row):
-  overrides = {k: v for k, v in {**plan_model, **row}.items() if k not in ('preset', 'batch')}
+  overrides = {k: v for k, v in {**plan_model, **row}.items()
+               if k not in ('preset', 'batch', 'xla')}
   return steps.model_config(plan_model['preset'], **overrides)
 
 
@@ -164,9 +194,10 @@ def flops_part(plan, out, deadline):
   Max-batch rows get FLOPs per image, lowered at the first probe batch."""
   def flops(model, row):
     trainer = steps.make_trainer(model_cfg(model, {**row, 'attention': 'xla'}), row['batch'])
+    # FLOPs do not depend on XLA options; the flops key is the row as timed.
     return steps.lower_step(trainer, row['batch']).cost_analysis()['flops']
 
-  for row in table_rows(plan):
+  for row in table_rows(plan) + [r for r in variant_rows(plan) if r not in table_rows(plan)]:
     if time.time() < deadline:
       emit(out, dict(kind='flops', row=row, flops=flops(plan.model, row)))
   row = dict(tuning='adaptformer', dtype='bfloat16', batch=plan.probe_batches[0])
@@ -178,34 +209,44 @@ def flops_part(plan, out, deadline):
 # --------------------------------------------------------------------------- jax
 
 
-def jax_part(plan, out, deadline):
+def device_header(out, part):
+  """Emits the device and versions; returns the device. The GPU's compiles are cached."""
   device = jax.devices()[0]
   if device.platform == 'gpu':
     jax.config.update('jax_compilation_cache_dir', '/tmp/gpu_check_jax_cache')
-  stats = device.memory_stats() or {}
-  limit = plan.memory_limit or stats.get('bytes_limit')
-  peak = machine.peak_flops(device)
   import flax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  emit(out, dict(kind='device', part='jax', device_kind=device.device_kind,
+  emit(out, dict(kind='device', part=part, device_kind=device.device_kind,
                  platform=device.platform, jax=jax.__version__, flax=flax.__version__,
-                 optax=optax.__version__, bytes_limit=limit,
-                 peak_bf16_flops=peak, matmul_precision=str(jax.config.jax_default_matmul_precision),
+                 optax=optax.__version__, bytes_limit=(device.memory_stats() or {}).get(
+                     'bytes_limit'), peak_bf16_flops=machine.peak_flops(device),
+                 matmul_precision=str(jax.config.jax_default_matmul_precision),
                  host=machine.describe()))
-  rows = table_rows(plan)
+  return device
+
+
+def time_rows(plan, rows, out, deadline):
+  """Compiles `rows` (in parallel threads), then times them one by one in ascending order
+  of their compiled peak, emitting each; returns the results."""
   with concurrent.futures.ThreadPoolExecutor(4) as pool:  # XLA compiles in parallel threads
     programs = list(pool.map(lambda r: prepare(plan.model, r), rows))
   programs.sort(key=lambda p: p.get('compiled_bytes') or 0)
-  peaks = {}
   for p in programs:
     if 'error' not in p and time.time() > deadline:
       p['error'] = 'skipped: out of budget'
     if 'error' not in p:
       p.update(run_jax(p.pop('program'), plan.sample_s))
-    if p['row'].keys() == {'tuning', 'dtype', 'batch'} and 'compiled_bytes' in p:
-      peaks[p['row']['tuning'], p['row']['dtype'], p['row']['batch']] = p['compiled_bytes']
     p.pop('program', None)
     emit(out, dict(kind='step', framework='jax', model=plan.model['preset'], **p))
+  return programs
+
+
+def jax_part(plan, out, deadline):
+  device = device_header(out, 'jax')
+  limit = plan.memory_limit or (device.memory_stats() or {}).get('bytes_limit')
+  peaks = {(p['row']['tuning'], p['row']['dtype'], p['row']['batch']): p['compiled_bytes']
+           for p in time_rows(plan, table_rows(plan), out, deadline)
+           if p['row'].keys() == {'tuning', 'dtype', 'batch'} and 'compiled_bytes' in p}
   attention_check(plan, out)
   for label, model in plan.big:
     if time.time() > deadline:
@@ -217,6 +258,13 @@ def jax_part(plan, out, deadline):
         plan, model, limit, probes, deadline)))
 
 
+def variants_part(plan, out, deadline):
+  """The headline step with other attention, token counts, XLA options or model choices,
+  timed side by side with it as configured: which change moves the MFU."""
+  device_header(out, 'variants')
+  time_rows(plan, variant_rows(plan), out, deadline)
+
+
 def compile_step(plan_model, row):
   """(trainer, compiled) step of one row, for abstract state (nothing allocated).
 
@@ -225,7 +273,8 @@ def compile_step(plan_model, row):
   """
   trainer = steps.make_trainer(model_cfg(plan_model, row), row['batch'])
   try:
-    return trainer, steps.lower_step(trainer, row['batch']).compile()
+    return trainer, steps.lower_step(trainer, row['batch']).compile(
+        compiler_options=row.get('xla'))
   except Exception as e:  # noqa: BLE001
     if 'attention' in row or attention_used(trainer.run.config.model) != 'cudnn':
       raise
@@ -324,18 +373,37 @@ def max_batch(plan, model, limit, probes, deadline):
 
 
 def profile_part(plan, out, deadline, num_steps=3):
-  """Device time of the adaptformer bf16 step by kind and model part (step_profile.py),
-  as configured (ViT-B/16: 197 tokens) and with 196 tokens (where 'auto' takes cuDNN)."""
-  for extra in ({}, EVEN_TOKENS):
-    row = dict(tuning='adaptformer', dtype='bfloat16', batch=plan.profile_batch, **extra)
-    if time.time() > deadline:
-      emit(out, dict(kind='profile', row=row, error='skipped: out of budget'))
+  """Device time of the adaptformer bf16 step by kind, model part and instruction
+  (step_profile.py) for each of plan.profiles: as configured (ViT-B/16: 197 tokens,
+  XLA attention), with cuDNN attention padded to 198, and at 196 tokens."""
+  rows = [dict(tuning='adaptformer', dtype='bfloat16', batch=plan.profile_batch, **extra)
+           for _, extra in plan.profiles]
+
+  def compiled_or_error(row):
+    try:
+      return compile_step(plan.model, row)
+    except Exception as e:  # noqa: BLE001
+      return described(e)
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # XLA compiles in parallel threads
+    programs = list(pool.map(compiled_or_error, rows))
+  for i, ((label, _), row, program) in enumerate(zip(plan.profiles, rows, programs)):
+    if isinstance(program, str) or time.time() > deadline:
+      emit(out, dict(kind='profile', row=row, error=program if isinstance(program, str)
+                     else 'skipped: out of budget'))
       continue
     try:
-      trainer, compiled = compile_step(plan.model, row)
+      trainer, compiled = program
       run = steps.step_runner(trainer, compiled, num_steps)
       run()  # warm-up
-      summary = step_profile.profile(compiled.as_text(), run, num_steps)
+      text = compiled.as_text()
+      keep = os.path.join(out, f'{label}.trace.json.gz') if i < plan.keep_traces else None
+      summary = step_profile.profile(text, run, num_steps, keep_trace=keep)
+      if keep and os.path.getsize(keep) > 15 * 2**20:  # over what the device tool brings back
+        os.remove(keep)
+      if plan.keep_traces:  # the program, to read the trace's instructions against
+        with gzip.open(os.path.join(out, f'{label}.hlo.txt.gz'), 'wt') as f:
+          f.write(text)
       emit(out, dict(kind='profile', row=row, attention=attention_used(trainer.run.config.model),
                      **summary))
     except Exception as e:  # noqa: BLE001
@@ -498,14 +566,14 @@ def read_rows(out):
 def markdown(rows):
   """The tables of gpu_check.md from the collected rows."""
   devices = [r for r in rows if r['kind'] == 'device']
-  jax_device = next((r for r in devices if r['part'] == 'jax'), {})
-  peak = jax_device.get('peak_bf16_flops')
+  peak = next((r['peak_bf16_flops'] for r in devices if r.get('peak_bf16_flops')), None)
   lines = ['# gpu_check', '']
   for d in devices:
     lines.append('- ' + ', '.join(f'{k}: {v}' for k, v in d.items() if k not in ('kind', 'at')))
   lines += ['', '| framework | tuning | dtype | batch | variant | ms/step | img/s | MFU | '
             'peak GiB | compiled GiB |', '|---|---|---|---|---|---|---|---|---|---|']
-  flops = {tuple(sorted(r['row'].items())): r['flops'] for r in rows
+  key = lambda row: json.dumps(row, sort_keys=True)
+  flops = {key(r['row']): r['flops'] for r in rows
            if r['kind'] == 'flops' and 'row' in r}
   per_image = {r['model']: r['per_image'] for r in rows if r['kind'] == 'flops' and 'model' in r}
   gib = lambda b: f'{b / GIB:.2f}' if b else ''
@@ -517,7 +585,7 @@ def markdown(rows):
                         ('tuning', 'dtype', 'batch'))
     if r['framework'] == 'jax' and r.get('attention'):
       variant = variant or f"attention=auto ({r['attention']})"
-    f = flops.get(tuple(sorted(r['row'].items())))
+    f = flops.get(key(r['row']))
     mfu = f'{f / (r["ms"] / 1e3) / peak:.1%}' if f and peak and 'ms' in r else ''
     lines.append(f"| {r['framework']} | {row['tuning']} | {row['dtype']} | {row['batch']} | "
                  f"{variant} | {r.get('ms', r.get('error', ''))} | {r.get('img_s', '')} | "
@@ -580,7 +648,7 @@ def drive(plan, out, budget_s, smoke, parts):
     args = [sys.executable, __file__, f'--part={part}', f'--out={out}',
             f'--deadline={time.time() + limit * 0.9}'] + (['--cpu_smoke'] if smoke else [])
     env = dict(os.environ)
-    if part == 'jax':  # the max-batch search wants (nearly) all of the device's memory
+    if part in ('jax', 'variants'):  # the max-batch search wants (nearly) all of the device's memory
       env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
     elif part == 'profile':  # kernels inside a CUDA graph would report the graph's name
       env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_gpu_enable_command_buffer=').strip()
@@ -602,8 +670,8 @@ def drive(plan, out, budget_s, smoke, parts):
   print(f'gpu_check: {time.time() - start:.0f} s, {len(rows)} rows in {out}')
 
 
-PARTS = {'flops': flops_part, 'jax': jax_part, 'profile': profile_part, 'torch': torch_part,
-         'pipeline': pipeline_part}
+PARTS = {'flops': flops_part, 'jax': jax_part, 'variants': variants_part,
+         'profile': profile_part, 'torch': torch_part, 'pipeline': pipeline_part}
 
 
 def main():

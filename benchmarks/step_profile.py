@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -98,14 +99,17 @@ def instruction_kinds(hlo_text: str) -> dict[str, tuple[str | None, str]]:
   return result
 
 
+def trace_file(logdir: str) -> str:
+  return sorted(glob.glob(os.path.join(logdir, '**', '*.trace.json.gz'), recursive=True))[-1]
+
+
 def trace_events(run_steps: Callable[[], None], logdir: str) -> tuple[list[dict], float]:
   """(events, wall seconds) of `run_steps()` under jax.profiler (it must wait for its results)."""
   with jax.profiler.trace(logdir, create_perfetto_trace=True):
     start = time.perf_counter()
     run_steps()
     wall = time.perf_counter() - start
-  path = sorted(glob.glob(os.path.join(logdir, '**', '*.trace.json.gz'), recursive=True))[-1]
-  with gzip.open(path, 'rt') as f:
+  with gzip.open(trace_file(logdir), 'rt') as f:
     trace = json.load(f)
   return (trace['traceEvents'] if isinstance(trace, dict) else trace), wall
 
@@ -119,9 +123,10 @@ def model_part(op_name: str) -> str:
 
 
 def summarize(events: list[dict], kinds: dict[str, tuple[str | None, str]], num_steps: int,
-              wall: float) -> dict[str, Any]:
-  """Time per step by kind, the busy share of the wall time, and the heaviest model parts
-  (`model_part`: all blocks together, forward and backward apart).
+              wall: float, top_ops: int = 30) -> dict[str, Any]:
+  """Time per step by kind, the busy share of the wall time, the heaviest model parts
+  (`model_part`: all blocks together, forward and backward apart) and the heaviest
+  instructions (`top_ops` of them, each with its calls per step and its op_name).
 
   Device tracks (`/device:GPU:N`) where there are any, else every track (XLA:CPU runs
   thunks on host threads); an event counts when its `hlo_op` is an instruction of the
@@ -131,6 +136,7 @@ def summarize(events: list[dict], kinds: dict[str, tuple[str | None, str]], num_
            if e.get('ph') == 'M' and e.get('name') == 'process_name'}
   devices = {p for p, n in names.items() if re.search(r'/device:GPU:\d+$', n)}
   per_kind, per_part, intervals, unmatched = collections.Counter(), collections.Counter(), [], 0.0
+  per_op, calls = collections.Counter(), collections.Counter()
   part_kinds = collections.defaultdict(collections.Counter)
   for e in events:
     if e.get('ph') != 'X' or 'dur' not in e or (devices and e.get('pid') not in devices):
@@ -146,6 +152,8 @@ def summarize(events: list[dict], kinds: dict[str, tuple[str | None, str]], num_
     part = model_part(kinds[op][1])
     per_kind[kind] += e['dur']
     per_part[part] += e['dur']
+    per_op[op] += e['dur']
+    calls[op] += 1
     part_kinds[part][kind] += e['dur']
     intervals.append((e['ts'], e['ts'] + e['dur']))
   busy, end = 0.0, float('-inf')
@@ -158,13 +166,19 @@ def summarize(events: list[dict], kinds: dict[str, tuple[str | None, str]], num_
           'unmatched_device_ms': ms(unmatched),
           'parts': [{'part': part, 'ms': ms(t),
                      'kinds': [k for k, _ in part_kinds[part].most_common(2)]}
-                    for part, t in per_part.most_common(15)]}
+                    for part, t in per_part.most_common(15)],
+          'ops': [{'op': op, 'ms': ms(t), 'calls': calls[op] / num_steps, 'kind': kinds[op][0],
+                   'op_name': kinds[op][1]} for op, t in per_op.most_common(top_ops)]}
 
 
-def profile(compiled_text: str, run_steps: Callable[[], None], num_steps: int) -> dict[str, Any]:
-  """summarize() of `run_steps()` (which runs `num_steps` steps of the compiled program)."""
+def profile(compiled_text: str, run_steps: Callable[[], None], num_steps: int,
+            keep_trace: str | None = None) -> dict[str, Any]:
+  """summarize() of `run_steps()` (which runs `num_steps` steps of the compiled program);
+  the trace (perfetto JSON, gzipped) is copied to `keep_trace` where given."""
   with tempfile.TemporaryDirectory() as logdir:
     events, wall = trace_events(run_steps, logdir)
+    if keep_trace:
+      shutil.copy(trace_file(logdir), keep_trace)
   return summarize(events, instruction_kinds(compiled_text), num_steps, wall)
 
 
@@ -181,6 +195,10 @@ def report(summary: dict[str, Any]) -> str:
   for p in summary['parts']:
     kinds = ', '.join(p['kinds'])
     lines.append(f"  {p['ms']:8.1f} ms  {p['part']:40s} {kinds}")
+  lines.append('heaviest instructions:')
+  for o in summary['ops'][:15]:
+    lines.append(f"  {o['ms']:8.1f} ms  {o['calls']:5.0f} calls  {o['kind']:16s} {o['op']} "
+                 f"({model_part(o['op_name'])})")
   return '\n'.join(lines)
 
 
