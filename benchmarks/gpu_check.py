@@ -13,14 +13,15 @@ other, each in its own process with a share of --budget_s (--parts picks some):
            attention only for even token counts); the largest power-of-two
            batch that fits for ViT-B/16, ViT-L/16 and ViT-H/14 adaptformer (bf16).
   variants the headline step (adaptformer bf16, batch 128) as configured and with
-           one change each, timed side by side: model.attention='cudnn' (197
-           tokens padded to 198, masked), 196 tokens, XLA options compiled into
-           that program alone (Triton GEMMs off, cuBLASLt), no adapter dropout,
-           tanh GELU -- which change moves the MFU.
+           one change each, timed side by side: XLA attention, 196 tokens,
+           remat='dots', bf16 frozen weights (plan.variants; a variant may also
+           compile XLA options into its program alone) -- which change moves
+           the MFU; then 'auto' and 'xla' attention in bf16 against f32: the
+           relative error of the logits and of every gradient.
   profile  where the device time of the adaptformer bf16 step goes (197 tokens, and
-           196 where 'auto' takes cuDNN): kernel time by kind, by model part and
-           by instruction (step_profile.py), with CUDA graphs off so that every
-           kernel is seen; the traces and compiled programs are kept in OUT.
+           196): kernel time by kind, by model part and by instruction
+           (step_profile.py), with CUDA graphs off so that every kernel is
+           seen; the traces and compiled programs are kept in OUT.
   torch    the same ViT-B/16 steps in PyTorch (CUDA, SDPA, bf16 autocast), and
            torch.compile of the headline step when it compiles within 2
            minutes (skipped with a note when torch is missing).
@@ -64,6 +65,7 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from adaptformer_jax import models  # noqa: E402
@@ -108,21 +110,17 @@ FULL = Plan(model=dict(preset='vit_b16'), batches=(64, 128), dtypes=('bfloat16',
             probe_batches=(32, 64), max_batch_cap=8192, memory_limit=None, sample_s=1.0,
             pipeline_images=300, crop=224, torch_compile_backend='inductor',
             torch_compile_s=120,
-            shares=dict(flops=0.06, jax=0.44, variants=0.14, profile=0.08, torch=0.23,
+            shares=dict(flops=0.06, jax=0.40, variants=0.20, profile=0.08, torch=0.21,
                         pipeline=0.05),
             variants=(
                 ({}, {}),  # as configured: the baseline measured beside the others
-                (dict(attention='cudnn'), {}),  # 197 tokens padded to 198, masked
-                (EVEN_TOKENS, {}),  # 196 tokens, where 'auto' is cuDNN
-                ({}, {'xla_gpu_enable_triton_gemm': False}),  # cuBLAS for every matmul
-                (EVEN_TOKENS, {'xla_gpu_enable_triton_gemm': False}),
-                ({}, {'xla_gpu_enable_cublaslt': True}),  # cuBLASLt (bias/GELU epilogues)
-                (dict(adapter=dict(dropout=0.0)), {}),  # the cost of the adapter's dropout RNG
-                (dict(gelu='tanh'), {}),  # the cost of the exact (erf) GELU
+                (dict(attention='xla'), {}),  # 197 tokens through XLA's attention
+                (EVEN_TOKENS, {}),  # 196 tokens: cuDNN without a pad token
+                (dict(remat='dots'), {}),  # recompute the elementwise work in the backward
+                (dict(frozen_dtype='bfloat16'), {}),  # no per-step cast of the frozen weights
             ),
             profile_batch=128, keep_traces=2,
-            profiles=(('profile_197', {}), ('profile_cudnn', dict(attention='cudnn')),
-                      ('profile_196', EVEN_TOKENS)))
+            profiles=(('profile_197', {}), ('profile_196', EVEN_TOKENS)))
 # One of each kind of row; torch.compile without inductor's C++ build (minutes on 2 cores).
 SMOKE = Plan(model=TINY, batches=(2,), dtypes=('bfloat16',), big=(('tiny', TINY),),
              probe_batches=(2, 4), max_batch_cap=32, memory_limit=16 * 2**20, sample_s=0.02,
@@ -247,7 +245,6 @@ def jax_part(plan, out, deadline):
   peaks = {(p['row']['tuning'], p['row']['dtype'], p['row']['batch']): p['compiled_bytes']
            for p in time_rows(plan, table_rows(plan), out, deadline)
            if p['row'].keys() == {'tuning', 'dtype', 'batch'} and 'compiled_bytes' in p}
-  attention_check(plan, out)
   for label, model in plan.big:
     if time.time() > deadline:
       emit(out, dict(kind='max_batch', model=label, error='skipped: out of budget'))
@@ -263,6 +260,7 @@ def variants_part(plan, out, deadline):
   timed side by side with it as configured: which change moves the MFU."""
   device_header(out, 'variants')
   time_rows(plan, variant_rows(plan), out, deadline)
+  attention_check(plan, out)
 
 
 def compile_step(plan_model, row):
@@ -276,16 +274,24 @@ def compile_step(plan_model, row):
     return trainer, steps.lower_step(trainer, row['batch']).compile(
         compiler_options=row.get('xla'))
   except Exception as e:  # noqa: BLE001
-    if 'attention' in row or attention_used(trainer.run.config.model) != 'cudnn':
+    if 'attention' in row or attention_used(trainer.run.config.model) == 'xla':
       raise
     print(f'cuDNN attention failed for {row}, using XLA attention: {described(e)}', flush=True)
     return compile_step(plan_model, {**row, 'attention': 'xla'})
 
 
+def tokens(cfg):
+  """The blocks' token count: the class token, registers and patches (an image model)."""
+  return (cfg.image_size // cfg.patch_size) ** 2 + int(cfg.class_token) + cfg.num_registers
+
+
 def attention_used(cfg):
-  tokens = (cfg.image_size // cfg.patch_size) ** 2 + int(cfg.class_token) + cfg.num_registers
-  return vit.attention_implementation(cfg.attention, cfg.dtype, cfg.width // cfg.num_heads,
-                                      (tokens, tokens))
+  """'xla', 'cudnn' or 'cudnn (padded)': what the blocks' self-attention runs on."""
+  n = tokens(cfg)
+  pad = vit.pad_tokens(cfg, cfg.dtype, n)
+  used = vit.attention_implementation(cfg.attention, cfg.dtype, cfg.width // cfg.num_heads,
+                                      (n + pad, n + pad))
+  return f'{used} (padded)' if pad else used
 
 
 def prepare(plan_model, row):
@@ -316,20 +322,43 @@ def run_jax(program, sample_s):
           'peak_bytes': stats.get('peak_bytes_in_use')}
 
 
-def attention_check(plan, out):
-  """Logits of model.attention 'auto' vs 'xla' on one small bf16 batch (max |diff|)."""
+def attention_check(plan, out, batch=8):
+  """model.attention 'auto' and 'xla' in bf16 against 'xla' in f32, on the headline
+  model as configured (ViT-B/16: 197 tokens, which 'auto' pads to 198 for cuDNN):
+  relative error of the logits and of every parameter's gradient."""
   try:
-    cfgs = {a: model_cfg(plan.model, dict(dtype='bfloat16', attention=a, **EVEN_TOKENS))
-            for a in ('auto', 'xla')}
-    size = cfgs['xla'].image_size
-    images = jax.random.normal(jax.random.key(0), (8, size, size, 3))
-    built = {a: models.build(c) for a, c in cfgs.items()}
-    variables = jax.jit(built['xla'].init)(jax.random.key(1), images)
-    logits = {a: np.asarray(jax.jit(m.apply)(variables, images)) for a, m in built.items()}
-    auto = attention_used(cfgs['auto'])
-    emit(out, dict(kind='attention_check', auto_is=auto,
-                   max_abs_diff=float(np.abs(logits['auto'] - logits['xla']).max()),
-                   max_abs_logit=float(np.abs(logits['xla']).max())))
+    import optax  # pylint: disable=g-import-not-at-top
+    cfgs = {name: model_cfg(plan.model, dict(dtype=dtype, attention=attention))
+            for name, dtype, attention in (('auto', 'bfloat16', 'auto'),
+                                           ('xla', 'bfloat16', 'xla'),
+                                           ('f32', 'float32', 'xla'))}
+    size, classes = cfgs['f32'].image_size, cfgs['f32'].num_classes
+    images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+    labels = jnp.arange(batch) % classes
+    built = {name: models.build(c) for name, c in cfgs.items()}
+    variables = jax.jit(built['f32'].init)(jax.random.key(1), images)
+    params = dict(variables['params'])  # a random head, or no gradient reaches the blocks
+    params['head'] = jax.tree.map(lambda a: 0.02 * jax.random.normal(jax.random.key(2), a.shape),
+                                  params['head'])
+
+    def logits_and_grads(model):
+      def loss(p):
+        logits = model.apply({**variables, 'params': p}, images).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+      (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+      return [logits] + jax.tree.leaves(grads)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # the three compile side by side
+      results = dict(zip(built, pool.map(logits_and_grads, built.values())))
+    relative = lambda got, want: float(
+        np.sqrt(sum(np.sum((np.float32(g) - np.float32(w)) ** 2) for g, w in zip(got, want))
+                / sum(np.sum(np.float32(w) ** 2) for w in want)))
+    emit(out, dict(kind='attention_check', auto_is=attention_used(cfgs['auto']),
+                   tokens=tokens(cfgs['auto']), **{
+                       f'{name}_{what}_rel_err': relative(results[name][part],
+                                                          results['f32'][part])
+                       for name in ('auto', 'xla')
+                       for what, part in (('logits', slice(0, 1)), ('grads', slice(1, None)))}))
   except Exception as e:  # noqa: BLE001
     emit(out, dict(kind='attention_check', error=described(e)))
 
@@ -625,9 +654,10 @@ def markdown(rows):
                    f"no instruction {r['unmatched_device_ms']:.2f}; heaviest parts: {parts}")
   for r in rows:
     if r['kind'] == 'attention_check':
-      lines.append(f"- attention 'auto' ({r.get('auto_is')}) vs 'xla', bf16 logits: max |diff| "
-                   f"{r.get('max_abs_diff')} of max |logit| {r.get('max_abs_logit')}"
-                   + (f" -- {r['error']}" if 'error' in r else ''))
+      lines.append(f"- attention 'auto' ({r.get('auto_is')}, {r.get('tokens')} tokens) and 'xla', "
+                   f"bf16, relative error against XLA f32: logits {r.get('auto_logits_rel_err')} "
+                   f"and {r.get('xla_logits_rel_err')}, gradients {r.get('auto_grads_rel_err')} "
+                   f"and {r.get('xla_grads_rel_err')}" + (f" -- {r['error']}" if 'error' in r else ''))
     if r['kind'] == 'note':
       lines.append(f"- {r['text']}")
   return '\n'.join(lines) + '\n'

@@ -270,6 +270,35 @@ def test_explicit_cudnn_takes_odd_lengths_padded_and_padding_changes_nothing():
     np.testing.assert_allclose(g, w, atol=1e-5)
 
 
+def test_blocks_carry_one_pad_token_only_where_cudnn_then_takes_the_count():
+  h100 = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA H100 80GB HBM3')
+  cpu = types.SimpleNamespace(platform='cpu', device_kind='cpu')
+  auto = tiny_cfg(dtype='bfloat16', attention='auto')
+  assert vit.pad_tokens(auto, 'bfloat16', 197, h100) == 1  # ViT-B/16: 198 on cuDNN
+  assert vit.pad_tokens(auto, 'bfloat16', 196, h100) == 0
+  assert vit.pad_tokens(auto, 'bfloat16', 197, cpu) == 0
+  assert vit.pad_tokens(auto, 'float32', 197, h100) == 0  # f32: XLA attention, no pad
+  assert vit.pad_tokens(tiny_cfg(dtype='bfloat16', attention='xla'), 'bfloat16', 197, h100) == 0
+
+
+@pytest.mark.parametrize('tuning,tokens', [('adaptformer', 17), ('adaptformer+vpt_deep', 19),
+                                           ('vpt_shallow', 19)])
+def test_a_padded_stack_gives_the_unpadded_logits_and_gradients(monkeypatch, tuning, tokens):
+  """The pad token goes behind the patches (prompts go in front), is masked out as a key
+  and cut off before pooling: through XLA's masks here, cuDNN's on a GPU."""
+  model = models.build(tiny_cfg(tuning=tuning, vpt=dict(num_tokens=2)))
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images)
+  loss = lambda params: (model.apply({**variables, 'params': params}, images) ** 2).sum()
+  want_loss, want = jax.jit(jax.value_and_grad(loss))(variables['params'])
+  seen = []
+  monkeypatch.setattr(vit, 'pad_tokens', lambda cfg, dtype, n: seen.append(n) or n % 2)
+  got_loss, got = jax.jit(jax.value_and_grad(loss))(variables['params'])
+  assert seen == [tokens]  # odd: one pad token was carried
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6), got, want)
+
+
 def test_cudnn_attention_where_it_cannot_run_is_a_clear_config_error():
   images = jnp.ones((1, 32, 32, 3))
   model = models.build(tiny_cfg(dtype='bfloat16', attention='cudnn'))

@@ -48,9 +48,10 @@ def attention_implementation(choice: str, dtype, head_dim: int, lengths=(), devi
   even query and key lengths (`lengths`) -- and XLA's unfused attention
   everywhere else (CPU, TPU, f32). The even lengths: jax 0.11.2 on an H100
   refused to differentiate cuDNN attention over ViT-B/16's 197 tokens
-  ("Unsupported sequence length Q 197, KV 197") though it ran it forward. An
-  explicit 'cudnn' also takes odd lengths, padded (`padded_attention`): not yet
-  run on a GPU, so 'auto' does not choose it.
+  ("Unsupported sequence length Q 197, KV 197") though it ran it forward; the
+  ViT's blocks therefore carry one masked pad token where that makes the count
+  even (`pad_tokens`), and an explicit 'cudnn' pads any other odd lengths per
+  call (`padded_attention`).
   """
   device = device or jax.devices()[0]
   usable = (device.platform == 'gpu' and 'nvidia' in device.device_kind.lower()
@@ -65,15 +66,32 @@ def attention_implementation(choice: str, dtype, head_dim: int, lengths=(), devi
   return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable and even) else 'xla'
 
 
+def pad_tokens(cfg: ml_collections.FrozenConfigDict, dtype, tokens: int, device=None) -> int:
+  """Pad tokens (0 or 1) the blocks carry so that their self-attention over `tokens`
+  real ones can run on cuDNN: one where the count is odd and cuDNN would take the
+  even count. Padding the whole stack once costs one token of every layer's work;
+  padding q, k and v in every layer cost 5% of an H100 step (RESULTS.md)."""
+  if tokens % 2 == 0 or cfg.attention == 'xla':
+    return 0
+  padded = (tokens + 1, tokens + 1)
+  return int(attention_implementation(cfg.attention, dtype, cfg.width // cfg.num_heads,
+                                      padded, device) == 'cudnn')
+
+
 def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
   """jax.nn.dot_product_attention of (B, N, H, D) inputs with odd lengths padded to even
-  and the padding masked (`query_seq_lengths`/`key_value_seq_lengths`), then cut off."""
+  and the padding masked, then cut off."""
   pad = lambda t: jnp.pad(t, ((0, 0), (0, t.shape[1] % 2), (0, 0), (0, 0)))
-  lengths = lambda t: jnp.full((t.shape[0],), t.shape[1], jnp.int32)
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths(q),
-                                     key_value_seq_lengths=lengths(k),
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v),
+                                     **valid_lengths(q.shape[0], q.shape[1], k.shape[1]),
                                      implementation=implementation)
   return out[:, :q.shape[1]]
+
+
+def valid_lengths(batch: int, queries: int, keys: int) -> dict[str, jax.Array]:
+  """The masks of padded attention: the real query and key counts of every example."""
+  full = lambda n: jnp.full((batch,), n, jnp.int32)
+  return dict(query_seq_lengths=full(queries), key_value_seq_lengths=full(keys))
 
 
 def layer_norm(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype | None,
@@ -82,16 +100,19 @@ def layer_norm(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype | None,
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                         cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype) -> jax.Array:
+                         cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype,
+                         pad: int = 0) -> jax.Array:
   """Softmax attention of (B, Nq, D) queries over (B, Nk, D) keys/values, per head,
-  with model.attention's implementation."""
+  with model.attention's implementation. The last `pad` tokens are padding: masked
+  out as keys, zeros as outputs."""
   heads = cfg.num_heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
   lengths = (q.shape[1], k.shape[1])
   implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads, lengths)
   if implementation == 'cudnn' and any(n % 2 for n in lengths):
     return padded_attention(split(q), split(k), split(v), implementation).reshape(q.shape)
-  return jax.nn.dot_product_attention(split(q), split(k), split(v),
+  masks = valid_lengths(q.shape[0], lengths[0] - pad, lengths[1] - pad) if pad else {}
+  return jax.nn.dot_product_attention(split(q), split(k), split(v), **masks,
                                       implementation=implementation).reshape(q.shape)
 
 
@@ -105,6 +126,7 @@ class Attention(nn.Module):
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
   lora: bool = False
+  pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,7 +143,7 @@ class Attention(nn.Module):
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
     return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(
-        multi_head_attention(q, k, v, self.cfg, self.dtype))
+        multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad))
 
 
 class Mlp(nn.Module):
@@ -133,8 +155,11 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     h = nn.Dense(self.cfg.mlp_dim, dtype=self.dtype, kernel_init=dense_init,
                  name='fc1')(x)
+    # Checkpointed: autodiff keeps only h and recomputes the GELU in the backward pass.
+    # Kept as it is, XLA saves two more (B, N, mlp_dim) tensors of the erf: 2.9 ms of
+    # a 34 ms ViT-B/16 step on an H100 (RESULTS.md).
     return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init,
-                    name='fc2')(GELU[self.cfg.gelu](h))
+                    name='fc2')(jax.checkpoint(GELU[self.cfg.gelu])(h))
 
 
 class Block(nn.Module):
@@ -148,10 +173,12 @@ class Block(nn.Module):
   dtype: jnp.dtype
   adapter: bool = False
   lora: bool = False
+  pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out of the attention
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.lora, name='attn')(
+    x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.lora, self.pad,
+                                             name='attn')(
         layer_norm(self.cfg, self.dtype, 'norm1')(x)))
     adapter = None
     if self.adapter:
@@ -210,6 +237,28 @@ class Head(nn.Module):
                     )(x)
 
 
+class PatchEmbedding(nn.Module):
+  """nn.Conv with kernel = stride and VALID padding (same parameters, same outputs),
+  computed as one matmul over flattened patches: cuDNN ran ViT-B/16's convolution
+  as five kernels in 0.92 ms of a 34 ms H100 step, for a matmul's worth of FLOPs."""
+  width: int
+  patch: tuple[int, ...]
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, channels = len(self.patch), x.shape[-1]
+    kernel = self.param('kernel', dense_init, (*self.patch, channels, self.width))
+    bias = self.param('bias', nn.initializers.zeros, (self.width,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    grid = [size // p for size, p in zip(x.shape[1:1 + n], self.patch)]
+    x = x[(slice(None), *(slice(g * p) for g, p in zip(grid, self.patch)))]  # VALID
+    x = x.reshape(x.shape[0], *[d for g, p in zip(grid, self.patch) for d in (g, p)], channels)
+    x = x.transpose(0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1)
+    x = x.reshape(x.shape[0], int(np.prod(grid)), -1)
+    return x @ kernel.reshape(-1, self.width) + bias
+
+
 def embed_patches(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype,
                   images: jax.Array) -> jax.Array:
   """Patch tokens (B, N, width) in (t,) h, w order, as torch's flatten(2).
@@ -220,9 +269,7 @@ def embed_patches(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype,
   """
   p = cfg.patch_size
   patch = (p, p) if cfg.patch_embed == '2d' else (cfg.tubelet, p, p)
-  x = nn.Conv(cfg.width, patch, strides=patch, padding='VALID', dtype=dtype,
-              kernel_init=dense_init, name='embedding')(images)
-  return x.reshape(x.shape[0], -1, cfg.width)
+  return PatchEmbedding(cfg.width, patch, dtype, name='embedding')(images)
 
 
 def sinusoid_table(num_tokens: int, width: int) -> np.ndarray:
@@ -280,6 +327,8 @@ class VisionTransformer(nn.Module):
                            (cfg.depth if vpt == 'deep' else 1, n_prompt, cfg.width))
       add_prompts = lambda x, i: jnp.concatenate([tokens(prompts[i:i + 1]), x], 1)
 
+    pad = pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # at the end: prompts go in front
     remat = REMAT[cfg.remat]
     block = Block if remat == 'none' else nn.remat(
         Block, static_argnums=(2,), policy=REMAT_POLICIES[remat])
@@ -287,9 +336,10 @@ class VisionTransformer(nn.Module):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
         x = add_prompts(x, i if vpt == 'deep' else 0)
-      x = block(cfg, dtype, tuning.adaptformer, tuning.lora, name=f'block{i}')(x, train)
+      x = block(cfg, dtype, tuning.adaptformer, tuning.lora, pad, name=f'block{i}')(x, train)
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
+    x = x[:, :x.shape[1] - pad]
 
     patches = slice(int(cfg.class_token) + cfg.num_registers, None)
     if cfg.pool == 'gap':  # MAE: no final norm, fc_norm after the mean
