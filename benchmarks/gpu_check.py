@@ -47,6 +47,7 @@ Each result is appended to OUT/rows.jsonl as it is measured; OUT/gpu_check.json
 and OUT/gpu_check.md are written at the end (also after a part timed out).
 
   python benchmarks/gpu_check.py --out DIR [--budget_s 450] [--parts variants,profile]
+  python benchmarks/gpu_check.py --quick --parts variants,profile --out DIR --budget_s 150
   python benchmarks/gpu_check.py --cpu_smoke --out DIR   # every code path, tiny model, CPU
 """
 import argparse
@@ -100,6 +101,7 @@ class Plan:
   profile_batch: int   # batch of the profiled adaptformer bf16 steps
   profiles: tuple      # (label, model overrides) of the profiled steps, in order of need
   keep_traces: int     # copy the first N profiles' traces (and every profiled program) to OUT
+  check_attention: bool = True  # the variants part ends with attention_check
 
 
 TINY = dict(preset='vit_ti16', width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
@@ -260,7 +262,8 @@ def variants_part(plan, out, deadline):
   timed side by side with it as configured: which change moves the MFU."""
   device_header(out, 'variants')
   time_rows(plan, variant_rows(plan), out, deadline)
-  attention_check(plan, out)
+  if plan.check_attention:
+    attention_check(plan, out)
 
 
 def compile_step(plan_model, row):
@@ -663,7 +666,7 @@ def markdown(rows):
   return '\n'.join(lines) + '\n'
 
 
-def drive(plan, out, budget_s, smoke, parts):
+def drive(plan, out, budget_s, flags, parts):
   """Runs `parts` in their own processes within the budget (shared in the plan's
   proportions) and writes the report."""
   os.makedirs(out, exist_ok=True)
@@ -676,7 +679,7 @@ def drive(plan, out, budget_s, smoke, parts):
     last = part == list(shares)[-1]
     limit = budget_s - (time.time() - start) if last else budget_s * share / sum(shares.values())
     args = [sys.executable, __file__, f'--part={part}', f'--out={out}',
-            f'--deadline={time.time() + limit * 0.9}'] + (['--cpu_smoke'] if smoke else [])
+            f'--deadline={time.time() + limit * 0.9}', *flags]
     env = dict(os.environ)
     if part in ('jax', 'variants'):  # the max-batch search wants (nearly) all of the device's memory
       env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
@@ -708,6 +711,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='gpu_check_out', help='folder for the JSON and markdown')
   parser.add_argument('--budget_s', type=float, default=450)
+  parser.add_argument('--quick', action='store_true',
+                      help='the last minutes of a lease: the headline step as configured, '
+                           'timed and profiled (use with --parts variants,profile)')
   parser.add_argument('--cpu_smoke', action='store_true',
                       help='the same code paths on a tiny model (the test suite runs this)')
   parser.add_argument('--parts', default=','.join(PARTS),
@@ -717,6 +723,9 @@ def main():
   parser.add_argument('--row', help=argparse.SUPPRESS)
   args = parser.parse_args()
   plan = SMOKE if args.cpu_smoke else FULL
+  if args.quick:
+    plan = dataclasses.replace(plan, variants=plan.variants[:1], profiles=plan.profiles[:1],
+                               check_attention=False)
   if args.part == 'torch_compile':
     torch_compile_part(plan, args.out, json.loads(args.row))
   elif args.part:
@@ -726,7 +735,8 @@ def main():
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
       parser.error(f'--parts: unknown {", ".join(unknown)}; choose from {",".join(PARTS)}')
-    drive(plan, args.out, args.budget_s, args.cpu_smoke, parts)
+    flags = [f for f, on in (('--cpu_smoke', args.cpu_smoke), ('--quick', args.quick)) if on]
+    drive(plan, args.out, args.budget_s, flags, parts)
 
 
 if __name__ == '__main__':

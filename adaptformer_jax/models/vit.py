@@ -19,9 +19,11 @@ from adaptformer_jax.models import methods
 from adaptformer_jax.models import peft_layers
 
 # model.gelu: torch.nn.GELU() is the exact erf form, flax's default (big_vision) the
-# tanh approximation, OpenAI CLIP's QuickGELU a sigmoid approximation.
+# tanh approximation, OpenAI CLIP's QuickGELU a sigmoid approximation. 'exact' is
+# written as torch writes it, with erf: jax's own form (erfc) cost an H100 twice the
+# time of a memory-bound pass over the MLP's activations (RESULTS.md).
 GELU = {
-    'exact': functools.partial(nn.gelu, approximate=False),
+    'exact': lambda x: x * (0.5 + 0.5 * jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype))),
     'tanh': functools.partial(nn.gelu, approximate=True),
     'quick': lambda x: x * nn.sigmoid(1.702 * x),
 }
@@ -153,13 +155,28 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.Dense(self.cfg.mlp_dim, dtype=self.dtype, kernel_init=dense_init,
-                 name='fc1')(x)
-    # Checkpointed: autodiff keeps only h and recomputes the GELU in the backward pass.
-    # Kept as it is, XLA saves two more (B, N, mlp_dim) tensors of the erf: 2.9 ms of
-    # a 34 ms ViT-B/16 step on an H100 (RESULTS.md).
-    return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init,
-                    name='fc2')(jax.checkpoint(GELU[self.cfg.gelu])(h))
+    h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, dtype=self.dtype, kernel_init=dense_init,
+                  name='fc1')(x)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h)
+
+
+class DenseGelu(nn.Dense):
+  """GELU(nn.Dense(x)) whose backward pass keeps only the matmul's output.
+
+  The bias add and GELU are checkpointed together, so XLA fuses them into one pass
+  that writes only the activation and recomputes them in the backward pass; kept, they
+  add a saved (B, N, mlp_dim) tensor: 12 passes over 155 MB per ViT-B/16 step at
+  batch 128 (RESULTS.md). Same parameters as nn.Dense.
+  """
+  gelu: str = 'exact'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jax.checkpoint(lambda y, b: GELU[self.gelu](y + b))(x @ kernel, bias)
 
 
 class Block(nn.Module):
