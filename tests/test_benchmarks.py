@@ -46,7 +46,7 @@ def test_gpu_check_names_an_unknown_part_and_runs_nothing(tmp_path):
   proc, _ = run_without_tensorflow([os.path.join(BENCHMARKS, 'gpu_check.py'), '--parts=jax,jx',
                                     f'--out={tmp_path / "out"}'], tmp_path, timeout=120)
   assert proc.returncode == 2
-  assert '--parts: unknown jx; choose from flops,jax,profile,torch,pipeline' in proc.stderr
+  assert '--parts: unknown jx; choose from flops,jax,variants,profile,torch,pipeline' in proc.stderr
   assert not (tmp_path / 'out').exists()
 
 
@@ -65,8 +65,8 @@ def test_gpu_check_cpu_smoke_runs_every_part_without_tensorflow(tmp_path):
   steps = [r for r in rows if r['kind'] == 'step']
   jax_rows = [r for r in steps if r['framework'] == 'jax']
   # adaptformer and full, plus the attention='xla', frozen_dtype='bfloat16' and
-  # no-class-token variants, each with its FLOPs from the CPU lowering.
-  assert len(jax_rows) == 5 and all(r['ms'] > 0 for r in jax_rows)
+  # no-class-token rows, then 3 variants, each with its FLOPs from the CPU lowering.
+  assert len(jax_rows) == 8 and all(r['ms'] > 0 for r in jax_rows)
   flops = {json.dumps(r['row'], sort_keys=True): r['flops'] for r in rows
            if r['kind'] == 'flops' and 'row' in r}
   assert all(flops[json.dumps(r['row'], sort_keys=True)] > 0 for r in jax_rows)
@@ -75,8 +75,17 @@ def test_gpu_check_cpu_smoke_runs_every_part_without_tensorflow(tmp_path):
   assert {r['framework'] for r in steps} == {'jax', 'torch eager', 'torch compiled'}
   (max_batch,) = [r for r in rows if r['kind'] == 'max_batch']
   assert max_batch['batch'] >= 1 and max_batch['compiled_bytes'] <= 16 * 2**20
+  # The headline step with one change each, beside it as configured; FLOPs for each.
+  # (each part times its rows in ascending order of their compiled peak)
+  assert sorted(json.dumps(r['row'], sort_keys=True) for r in jax_rows[5:]) == sorted(
+      json.dumps({'tuning': 'adaptformer', 'dtype': 'bfloat16', 'batch': 2, **extra},
+                 sort_keys=True) for extra in (
+          {}, {'xla': {'xla_cpu_enable_fast_math': False}}, {'adapter': {'dropout': 0.0}}))
   (check,) = [r for r in rows if r['kind'] == 'attention_check']
-  assert check['auto_is'] == 'xla' and check['max_abs_diff'] == 0
+  # On the CPU 'auto' is XLA: the same errors against f32, small but not zero (bf16).
+  assert check['auto_is'] == 'xla' and check['tokens'] == 17
+  assert check['auto_grads_rel_err'] == check['xla_grads_rel_err']
+  assert 0 < check['auto_logits_rel_err'] < 0.05 and 0 < check['auto_grads_rel_err'] < 0.05
   profiles = [r for r in rows if r['kind'] == 'profile']  # with and without the class token
   assert [r['row'].get('class_token', True) for r in profiles] == [True, False]
   assert all(r['kinds_ms'].get('matmul', 0) > 0 and r['busy_ms'] > 0 for r in profiles)
@@ -87,3 +96,4 @@ def test_gpu_check_cpu_smoke_runs_every_part_without_tensorflow(tmp_path):
   report = (out / 'gpu_check.md').read_text()
   assert '| jax | adaptformer | bfloat16 | 2 |' in report
   assert '- profile, adaptformer bfloat16 b2, no class token, attention xla: ' in report
+  assert "| jax | adaptformer | bfloat16 | 2 | adapter={'dropout': 0.0} |" in report

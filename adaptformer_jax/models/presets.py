@@ -140,7 +140,7 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       frozen_dtype='float32',
       # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (fused, NVIDIA
       # GPUs, bf16) or 'auto' (cuDNN where it is known to apply, XLA elsewhere;
-      # vit.attention_implementation).
+      # vit.attention_implementation; odd token counts carry a pad, vit.pad_tokens).
       attention='auto',
       # 'none' | 'block' | 'dots' or False | True, see vit.REMAT; untyped, so both
       # `--config.model.remat=dots` and `=True` parse.
