@@ -129,8 +129,8 @@ SMOKE = Plan(model=TINY, batches=(2,), dtypes=('bfloat16',), big=(('tiny', TINY)
              pipeline_images=6, crop=32, torch_compile_backend='eager',
              torch_compile_s=float('inf'),  # the budget decides on a loaded test host
              shares=dict(flops=0.1, jax=0.3, variants=0.1, profile=0.1, torch=0.3, pipeline=0.1),
-             variants=(({}, {}), ({}, {'xla_cpu_enable_fast_math': False}),
-                       (dict(adapter=dict(dropout=0.0)), {})),
+             variants=(({}, {}), (dict(adapter=dict(dropout=0.0)),
+                                  {'xla_cpu_enable_fast_math': False})),
              profile_batch=2, keep_traces=0,
              profiles=(('profile_197', {}), ('profile_196', EVEN_TOKENS)))
 
