@@ -1,6 +1,7 @@
 """Model presets, parameter counts, tuning variants and config validation."""
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,6 +298,22 @@ def test_a_padded_stack_gives_the_unpadded_logits_and_gradients(monkeypatch, tun
   assert seen == [tokens]  # odd: one pad token was carried
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize('patch,shape', [((8, 8), (2, 32, 32, 3)),
+                                         ((8, 8), (2, 36, 33, 3)),  # VALID drops the rest
+                                         ((2, 8, 8), (2, 4, 16, 24, 3))])  # a video tubelet
+def test_patch_embedding_is_the_strided_convolution(patch, shape):
+  images = jax.random.normal(jax.random.key(0), shape)
+  conv = nn.Conv(16, patch, strides=patch, padding='VALID', kernel_init=vit.dense_init)
+  ours = vit.PatchEmbedding(16, patch, jnp.float32)
+  variables = conv.init(jax.random.key(1), images)
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               ours.init(jax.random.key(1), images))  # the same parameters, initialised alike
+  variables = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape), variables)
+  want = conv.apply(variables, images)
+  np.testing.assert_allclose(ours.apply(variables, images),
+                             want.reshape(shape[0], -1, 16), rtol=1e-5, atol=1e-5)
 
 
 def test_cudnn_attention_where_it_cannot_run_is_a_clear_config_error():
