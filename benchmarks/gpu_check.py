@@ -193,8 +193,8 @@ def flops_part(plan, out, deadline):
   answered None for a lowered step and 0.68 of 9.03 TFLOP for a compiled one.
   Max-batch rows get FLOPs per image, lowered at the first probe batch."""
   def flops(model, row):
+    # (a row's XLA options change no FLOPs: model_cfg drops them)
     trainer = steps.make_trainer(model_cfg(model, {**row, 'attention': 'xla'}), row['batch'])
-    # FLOPs do not depend on XLA options; the flops key is the row as timed.
     return steps.lower_step(trainer, row['batch']).cost_analysis()['flops']
 
   for row in table_rows(plan) + [r for r in variant_rows(plan) if r not in table_rows(plan)]:
@@ -407,25 +407,17 @@ def max_batch(plan, model, limit, probes, deadline):
 def profile_part(plan, out, deadline, num_steps=3):
   """Device time of the adaptformer bf16 step by kind, model part and instruction
   (step_profile.py) for each of plan.profiles: as configured (ViT-B/16: 197 tokens,
-  XLA attention), with cuDNN attention padded to 198, and at 196 tokens."""
+  on a GPU cuDNN attention with one pad token) and at 196 tokens."""
   rows = [dict(tuning='adaptformer', dtype='bfloat16', batch=plan.profile_batch, **extra)
            for _, extra in plan.profiles]
-
-  def compiled_or_error(row):
-    try:
-      return compile_step(plan.model, row)
-    except Exception as e:  # noqa: BLE001
-      return described(e)
-
   with concurrent.futures.ThreadPoolExecutor(4) as pool:  # XLA compiles in parallel threads
-    programs = list(pool.map(compiled_or_error, rows))
-  for i, ((label, _), row, program) in enumerate(zip(plan.profiles, rows, programs)):
-    if isinstance(program, str) or time.time() > deadline:
-      emit(out, dict(kind='profile', row=row, error=program if isinstance(program, str)
-                     else 'skipped: out of budget'))
+    programs = list(pool.map(lambda r: prepare(plan.model, r), rows))
+  for i, ((label, _), row, p) in enumerate(zip(plan.profiles, rows, programs)):
+    if 'error' in p or time.time() > deadline:
+      emit(out, dict(kind='profile', row=row, error=p.get('error', 'skipped: out of budget')))
       continue
     try:
-      trainer, compiled = program
+      trainer, compiled = p['program']
       run = steps.step_runner(trainer, compiled, num_steps)
       run()  # warm-up
       text = compiled.as_text()
@@ -660,7 +652,8 @@ def markdown(rows):
       lines.append(f"- attention 'auto' ({r.get('auto_is')}, {r.get('tokens')} tokens) and 'xla', "
                    f"bf16, relative error against XLA f32: logits {r.get('auto_logits_rel_err')} "
                    f"and {r.get('xla_logits_rel_err')}, gradients {r.get('auto_grads_rel_err')} "
-                   f"and {r.get('xla_grads_rel_err')}" + (f" -- {r['error']}" if 'error' in r else ''))
+                   f"and {r.get('xla_grads_rel_err')}"
+                   + (f" -- {r['error']}" if 'error' in r else ''))
     if r['kind'] == 'note':
       lines.append(f"- {r['text']}")
   return '\n'.join(lines) + '\n'
@@ -681,7 +674,7 @@ def drive(plan, out, budget_s, flags, parts):
     args = [sys.executable, __file__, f'--part={part}', f'--out={out}',
             f'--deadline={time.time() + limit * 0.9}', *flags]
     env = dict(os.environ)
-    if part in ('jax', 'variants'):  # the max-batch search wants (nearly) all of the device's memory
+    if part in ('jax', 'variants'):  # the max-batch search wants (nearly) all the device's memory
       env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
     elif part == 'profile':  # kernels inside a CUDA graph would report the graph's name
       env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_gpu_enable_command_buffer=').strip()
