@@ -18,10 +18,11 @@ defaults, both chosen on the same validation split:
   output and the up-projection's gradient both grow with it. At 200 steps they
   need a far larger step than the head. Best mean validation top-1 over seeds 0
   and 1 (rate in brackets; `--sweep --config.model.adapter.scale=S` gives
-  them): s = 1 96.66 (0.125), 2 96.66 (0.125), 4 97.22 (0.25), 8 97.44 (0.125),
-  16 97.88 (0.125), 32 97.66 (0.0625); full fine-tuning 98.00. At s = 16 the
-  rate grid 0.0625 / 0.125 / 0.25 / 0.5 gives 97.22 / 97.88 / 96.21 / 9.58:
-  twice the chosen rate is already near the edge of stability.
+  them): s = 1 96.66 (0.125), 2 97.10 (0.5), 4 97.33 (0.5), 8 97.44 (0.125),
+  16 97.77 (0.125), 32 97.55 (0.0625); full fine-tuning 98.00 (2026-11-27; at
+  s = 2 and 4 the best rate is the grid's largest). At s = 16 the rate grid
+  0.0625 / 0.125 / 0.25 / 0.5 gives 97.22 / 97.77 / 96.88 / 9.47: four times the
+  chosen rate diverges.
 - VPT-deep gets 16 prompt tokens (seed 0: 0.9666; 4 tokens: 0.9577). 32 tokens
   did better on validation (seeds 0 and 1: 96.99 at rate 1.0 against 96.55 at
   0.5 with 16) but make each run ~1.6x slower (41 s against 25 s): `make demo`
