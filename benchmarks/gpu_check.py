@@ -67,6 +67,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from adaptformer_jax import models  # noqa: E402
@@ -170,7 +171,7 @@ def table_rows(plan):
   return rows
 
 
-def variant_rows(plan):
+def variant_rows(plan: Plan) -> list[dict]:
   """The headline step (adaptformer bf16, the largest batch) with each of plan.variants'
   model overrides and XLA options (row['xla'], compiled into that program alone)."""
   headline = dict(tuning='adaptformer', dtype='bfloat16', batch=max(plan.batches))
@@ -209,7 +210,7 @@ def flops_part(plan, out, deadline):
 # --------------------------------------------------------------------------- jax
 
 
-def device_header(out, part):
+def device_header(out: str, part: str) -> jax.Device:
   """Emits the device and versions; returns the device. The GPU's compiles are cached."""
   device = jax.devices()[0]
   if device.platform == 'gpu':
@@ -225,11 +226,10 @@ def device_header(out, part):
   return device
 
 
-def time_rows(plan, rows, out, deadline):
+def time_rows(plan: Plan, rows: list[dict], out: str, deadline: float) -> list[dict]:
   """Compiles `rows` (in parallel threads), then times them one by one in ascending order
   of their compiled peak, emitting each; returns the results."""
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # XLA compiles in parallel threads
-    programs = list(pool.map(lambda r: prepare(plan.model, r), rows))
+  programs = prepare_all(plan, rows)
   programs.sort(key=lambda p: p.get('compiled_bytes') or 0)
   for p in programs:
     if 'error' not in p and time.time() > deadline:
@@ -257,7 +257,7 @@ def jax_part(plan, out, deadline):
         plan, model, limit, probes, deadline)))
 
 
-def variants_part(plan, out, deadline):
+def variants_part(plan: Plan, out: str, deadline: float) -> None:
   """The headline step with other attention, token counts, XLA options or model choices,
   timed side by side with it as configured: which change moves the MFU."""
   device_header(out, 'variants')
@@ -283,18 +283,24 @@ def compile_step(plan_model, row):
     return compile_step(plan_model, {**row, 'attention': 'xla'})
 
 
-def tokens(cfg):
+def tokens(cfg: ml_collections.ConfigDict) -> int:
   """The blocks' token count: the class token, registers and patches (an image model)."""
   return (cfg.image_size // cfg.patch_size) ** 2 + int(cfg.class_token) + cfg.num_registers
 
 
-def attention_used(cfg):
+def attention_used(cfg: ml_collections.ConfigDict) -> str:
   """'xla', 'cudnn' or 'cudnn (padded)': what the blocks' self-attention runs on."""
   n = tokens(cfg)
   pad = vit.pad_tokens(cfg, cfg.dtype, n)
   used = vit.attention_implementation(cfg.attention, cfg.dtype, cfg.width // cfg.num_heads,
                                       (n + pad, n + pad))
   return f'{used} (padded)' if pad else used
+
+
+def prepare_all(plan: Plan, rows: list[dict]) -> list[dict]:
+  """prepare() of every row, the compiles in parallel threads."""
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    return list(pool.map(lambda r: prepare(plan.model, r), rows))
 
 
 def prepare(plan_model, row):
@@ -325,7 +331,7 @@ def run_jax(program, sample_s):
           'peak_bytes': stats.get('peak_bytes_in_use')}
 
 
-def attention_check(plan, out, batch=8):
+def attention_check(plan: Plan, out: str, batch: int = 8) -> None:
   """model.attention 'auto' and 'xla' in bf16 against 'xla' in f32, on the headline
   model as configured (ViT-B/16: 197 tokens, which 'auto' pads to 198 for cuDNN):
   relative error of the logits and of every parameter's gradient."""
@@ -410,8 +416,7 @@ def profile_part(plan, out, deadline, num_steps=3):
   on a GPU cuDNN attention with one pad token) and at 196 tokens."""
   rows = [dict(tuning='adaptformer', dtype='bfloat16', batch=plan.profile_batch, **extra)
            for _, extra in plan.profiles]
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # XLA compiles in parallel threads
-    programs = list(pool.map(lambda r: prepare(plan.model, r), rows))
+  programs = prepare_all(plan, rows)
   for i, ((label, _), row, p) in enumerate(zip(plan.profiles, rows, programs)):
     if 'error' in p or time.time() > deadline:
       emit(out, dict(kind='profile', row=row, error=p.get('error', 'skipped: out of budget')))
