@@ -761,9 +761,10 @@ def cli_outcomes(trained, cli_env, tmp_path_factory, cannot_mount):
     return dict(zip(CLI_CASES, pool.map(run, CLI_CASES)))
 
 
-# Known bug, kept visible: a SIGINT that lands inside jax's gc callback during eval is
-# swallowed there ("Exception ignored in _xla_gc_callback ... KeyboardInterrupt") instead
-# of ending the job with 'interrupted: SIGINT' (seen in a CI dry run, 1 of 3 runs).
+# Once a known bug: a SIGINT that landed inside jax's gc callback during eval was swallowed
+# there ("Exception ignored in _xla_gc_callback ... KeyboardInterrupt"; 1 of 3 CI dry runs,
+# the signal sent after a 3 s sleep). interrupts.exit_on_sigint now ends the job from its
+# own handler wherever the signal lands; ctrl_c_during_eval sends it at one fixed point.
 @pytest.mark.parametrize('name', CLI_CASES)
 def test_cli_case(name, cli_outcomes):
   outcome = cli_outcomes[name]
