@@ -6,11 +6,11 @@ import glob
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -26,6 +26,41 @@ from test_cli import REPO, cli, cli_env, write_config  # noqa: F401 (a fixture)
 # BatchNorm head adds running statistics to what must resume exactly.
 RUN = dict(num_train_steps=70, log_every_steps=5, checkpoint_every_steps=5,
            model=dict(head='bn_linear'))
+
+# The CLI with one fault at a fixed point of training, so that a failure reproduces. The
+# package has no fault hook: this wraps two of its functions inside the CLI's process.
+# FAULT (JSON) names the signal and where it strikes:
+#   at 'step' N: as the batch after N trained steps is drawn, once the checkpoint directory
+#     `committed` is complete (so what a resume finds does not hang on timing);
+#   at 'seal' N: in orbax's writer thread, with step N's files written into its temporary
+#     directory, before the rename that completes the step (Checkpointer._seal).
+FAULTY_CLI = f"""
+import json, os, signal, time
+from adaptformer_jax import data, main
+import {checkpoint.__name__} as checkpoint
+
+fault = json.loads(os.environ['FAULT'])
+sig = getattr(signal, fault['signal'])
+if fault['at'] == 'step':
+  train_iterator = data.train_iterator
+  def faulty_train_iterator(*args, **kwargs):
+    for trained, batch in enumerate(train_iterator(*args, **kwargs), kwargs['start_step']):
+      if trained == fault['step']:
+        while not os.path.isdir(fault['committed']):
+          time.sleep(0.01)
+        signal.raise_signal(sig)
+      yield batch
+  data.train_iterator = faulty_train_iterator
+else:
+  seal = checkpoint.Checkpointer._seal
+  def faulty_seal(self):
+    if self._saving == fault['step']:
+      os.kill(os.getpid(), sig)
+      time.sleep(60)
+    seal(self)
+  checkpoint.Checkpointer._seal = faulty_seal
+main.run()
+"""
 
 
 @pytest.fixture(scope='module')
@@ -64,47 +99,41 @@ def saved_steps(workdir):
   return sorted(int(n) for n in names if n.isdigit())
 
 
-def start_cli(config_file, workdir, log, env):
-  return subprocess.Popen(cli(f'--config={config_file}', f'--workdir={workdir}'), cwd=REPO,
-                          env=env, stdout=log, stderr=subprocess.STDOUT)
+def start_cli(config_file, workdir, log, env, fault=None):
+  """The CLI training `workdir`; with `fault` (see FAULTY_CLI), struck by it."""
+  argv = cli(f'--config={config_file}', f'--workdir={workdir}')
+  if fault:
+    argv = [sys.executable, '-c', FAULTY_CLI, *argv[3:]]  # argv[3:]: the CLI's arguments
+    env = {**env, 'FAULT': json.dumps(fault)}
+  return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for_checkpoint_after(step, workdir, proc, timeout=240):
-  """Polls until a step beyond `step` is saved; returns it."""
-  deadline = time.monotonic() + timeout
-  while not saved_steps(workdir) or saved_steps(workdir)[-1] <= step:
-    assert proc.poll() is None, f'exited early with status {proc.returncode}'
-    assert time.monotonic() < deadline, 'no checkpoint appeared'
-    time.sleep(0.01)
-  return saved_steps(workdir)[-1]
+def unfinished_saves(workdir):
+  return sorted(os.path.basename(p) for p in
+                glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*')))
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_resume_is_bit_exact(reference, tmp_path, cli_env):
+def test_kill_9_at_fixed_steps_then_resume_is_bit_exact(reference, tmp_path, cli_env):
   config_file, config, reference_dir = reference
   workdir = str(tmp_path / 'killed')
-  rng = random.Random(0)
-  kills = []
+  committed_10 = os.path.join(workdir, 'checkpoints', '10')
+  # (where SIGKILL strikes, the latest complete step then, the step of the save cut short)
+  kills = [(dict(at='step', step=12, committed=committed_10), 10, None),  # between saves
+           (dict(at='seal', step=35), 30, 35),  # mid-save
+           (dict(at='seal', step=70), 65, 70)]  # the last step's save, before the final eval
   with open(tmp_path / 'log.txt', 'w') as log:
-    for _ in range(3):
-      resumed_from = (saved_steps(workdir) or [0])[-1]
-      proc = start_cli(config_file, workdir, log, cli_env)
-      # Once training runs, kill at a uniformly random moment of a checkpoint interval.
-      step = wait_for_checkpoint_after(resumed_from, workdir, proc)
-      start = time.monotonic()
-      wait_for_checkpoint_after(step, workdir, proc)
-      time.sleep(rng.uniform(0, time.monotonic() - start))
-      assert proc.poll() is None, 'finished before it could be killed'
-      proc.kill()
-      proc.wait()
-      leftovers = [os.path.basename(p) for p in
-                   glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'))]
-      kills.append((resumed_from, saved_steps(workdir)[-1], leftovers))
+    for fault, latest, cut_short in kills:
+      proc = start_cli(config_file, workdir, log, cli_env, dict(signal='SIGKILL', **fault))
+      assert proc.wait(timeout=300) == -signal.SIGKILL, \
+          (tmp_path / 'log.txt').read_text()[-3000:]
+      assert saved_steps(workdir)[-1] == latest, (fault, saved_steps(workdir))
+      # Only this kill's save is unfinished: the one before was saved again on resuming.
+      assert [n.split('.')[0] for n in unfinished_saves(workdir)] == (
+          [str(cut_short)] if cut_short else []), fault
     final = start_cli(config_file, workdir, log, cli_env)
     assert final.wait(timeout=300) == 0, (tmp_path / 'log.txt').read_text()[-3000:]
-  print('kills (resumed from, latest saved at kill, unfinished saves):', kills)
-  assert proc.returncode == -signal.SIGKILL
-  assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*'))
+  assert not unfinished_saves(workdir)
   assert_bit_identical(config, workdir, reference_dir)
 
 
@@ -112,16 +141,17 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(reference, tmp_path, 
 def test_sigterm_saves_the_current_step_and_resume_is_bit_exact(reference, tmp_path, cli_env):
   config_file, config, reference_dir = reference
   workdir = str(tmp_path / 'terminated')
+  # SIGTERM as the 13th step starts, after 12 trained steps: it finishes that step, saves
+  # it though no checkpoint is due (every 5) and stops.
+  fault = dict(signal='SIGTERM', at='step', step=12,
+               committed=os.path.join(workdir, 'checkpoints', '10'))
   with open(tmp_path / 'log.txt', 'w+') as log:
-    proc = start_cli(config_file, workdir, log, cli_env)
-    wait_for_checkpoint_after(0, workdir, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    proc = start_cli(config_file, workdir, log, cli_env, fault)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
     log.seek(0)
     last_line = log.read().strip().splitlines()[-1]
-  assert last_line.startswith('interrupted: SIGTERM received: saved step '), last_line
-  step = int(last_line.split('saved step ')[1].split()[0])
-  assert 5 <= step < RUN['num_train_steps'] and saved_steps(workdir)[-1] == step
+  assert last_line.startswith('interrupted: SIGTERM received: saved step 13 in '), last_line
+  assert saved_steps(workdir) == [5, 10, 13] and not unfinished_saves(workdir)
   train.train_and_evaluate(config, workdir)
   assert_bit_identical(config, workdir, reference_dir)
 
