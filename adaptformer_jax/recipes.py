@@ -8,7 +8,7 @@ import ml_collections
 
 from adaptformer_jax import models
 from adaptformer_jax.errors import ConfigError
-from adaptformer_jax.models import methods
+from adaptformer_jax.models import tuning
 
 
 def method_arg(arg: str | None, config_name: str) -> str:
@@ -16,11 +16,11 @@ def method_arg(arg: str | None, config_name: str) -> str:
   if not arg:
     raise ConfigError(f'configs/{config_name}.py needs a tuning method: '
                       f'configs/{config_name}.py:METHOD with METHOD one of '
-                      f"{', '.join(methods.METHODS)} (or a '+' combination).")
+                      f"{', '.join(tuning.METHODS)} (or a '+' combination).")
   if ',' in arg:  # METHOD,PRESET of a config that fixes its backbone
     raise ConfigError(f'configs/{config_name}.py:{arg}: this config takes no backbone '
                       f'preset; pass configs/{config_name}.py:METHOD.')
-  methods.parse(arg)
+  tuning.parse(arg)
   return arg
 
 
@@ -101,7 +101,7 @@ def official_video(config_name: str, num_classes: int, arg: str | None,
   model = models.preset('videomae_b16', num_classes=num_classes, head='bn_linear',
                         tuning=method, num_frames=8, tubelet=2, image_size=224)
   with model.ignore_type():
-    model.trainable = methods.parse(method).trainable + ('fc_norm/.*',)
+    model.trainable = tuning.parse(method).trainable + ('fc_norm/.*',)
   config = base(model, data_name, train_pp='multi_scale_crop',
                 eval_pp='short_side_center_crop', normalize='imagenet',
                 shuffle_buffer=10_000)

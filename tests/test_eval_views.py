@@ -1,6 +1,6 @@
 """Multi-clip x multi-crop video evaluation (data.eval_clips x data.eval_crops): the
 official test's views, each video scored on the mean of its views' logits; 1 x 1
-is the single central view it always was; bad settings fail in config_check."""
+is the single central view it always was; bad settings fail in schema."""
 import json
 import textwrap
 
@@ -14,10 +14,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
 from adaptformer_jax import models
+from adaptformer_jax import schema
 from adaptformer_jax import workdirs
 from adaptformer_jax.data import preprocess
 from adaptformer_jax.errors import ConfigError
@@ -157,10 +157,10 @@ def test_spatial_crops_slide_along_the_longer_side(op, shape, corners):
 
 
 def _problems(config, **data_fields):
-  """config_check's problems with `config` (as its config.json) with these data fields."""
+  """the schema's problems with `config` (as its config.json) with these data fields."""
   config = config.to_dict()
   config['data'].update(data_fields)
-  return config_check.problems(config)
+  return schema.problems(config)
 
 
 def test_bad_view_settings_are_one_clear_config_error():
@@ -177,11 +177,11 @@ def test_bad_view_settings_are_one_clear_config_error():
   bad = tiny_run_config()
   bad.data.eval_clips = 0
   with pytest.raises(ConfigError, match='data.eval_clips: must be an integer >= 1, got 0'):
-    config_check.validate(bad)
-  # Configs written before the fields existed still validate (1 x 1).
+    schema.validate(bad)
+  # Every run config has both fields (recipes.base sets them): none may be missing.
   old = tiny_run_config().to_dict()
   del old['data']['eval_clips'], old['data']['eval_crops']
-  assert config_check.problems(old) == []
+  assert schema.problems(old) == ['data.eval_clips: missing', 'data.eval_crops: missing']
 
 
 TWO_DEVICES = textwrap.dedent("""

@@ -14,8 +14,8 @@ from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax import pretrained
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.models import tuning
 from conftest import shipped_config
-from adaptformer_jax.models import methods
 
 IMAGES = np.random.RandomState(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, image_size=32,
@@ -338,7 +338,7 @@ def test_training_checkpoint_loads_params_not_four_leaves(timm, tmp_path, caplog
                                   init_variables=models.build(cfg).init(
                                       jax.random.key(0), IMAGES[:1]))
     assert_close(forward(cfg, variables), timm.logits(ref, IMAGES))
-  backbone = sum(not methods.FRESH_ON_LOAD.fullmatch(k) for k in flax.traverse_util.flatten_dict(
+  backbone = sum(not tuning.FRESH_ON_LOAD.fullmatch(k) for k in flax.traverse_util.flatten_dict(
       variables, sep='/'))
   assert f'{backbone} of {backbone} backbone leaves from the file' in caplog.text
   assert 'keys outside params/' in caplog.text

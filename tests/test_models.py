@@ -176,7 +176,7 @@ def test_remat_gives_the_same_logits_and_gradients(remat):
 
 
 def test_bad_remat_names_the_choices():
-  with pytest.raises(ValueError, match=r"model\.remat: 'dot' is not one of .*'dots'"):
+  with pytest.raises(ValueError, match=r"model\.remat: must be one of .*'dots', got 'dot'"):
     tiny_cfg(remat='dot')
 
 
@@ -322,7 +322,7 @@ def test_cudnn_attention_where_it_cannot_run_is_a_clear_config_error():
   with pytest.raises(ValueError, match=r"model\.attention='cudnn' needs an NVIDIA GPU.*"
                                        r"use 'auto' or 'xla'"):
     model.init(jax.random.key(0), images)
-  with pytest.raises(ValueError, match=r"model\.attention: 'flash' is not one of"):
+  with pytest.raises(ValueError, match=r"model\.attention: must be one of .*, got 'flash'"):
     tiny_cfg(attention='flash')
 
 

@@ -71,7 +71,8 @@ def test_tensor_parallel_matches_data_parallel_and_shards_kernels():
 def test_partition_rules():
   from jax.sharding import AbstractMesh  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from adaptformer_jax import sharding  # pylint: disable=g-import-not-at-top
+  from adaptformer_jax import runtime
+from adaptformer_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = AbstractMesh((2, 4), ('data', 'model'))
   spec = lambda path, shape: sharding.partition_spec(path, shape, mesh)
   assert spec('params/block3/attn/qkv/kernel', (768, 2304)) == P(None, 'model')
@@ -102,7 +103,7 @@ def train_losses(model_parallel):
 
   config = tiny_run_config(batch_size=GLOBAL_BATCH, warmup_steps=0,
                            model_parallel=model_parallel)
-  trainer = train.Trainer(train.Run(config))
+  trainer = train.Trainer(runtime.Run(config))
   run = trainer.run
   state, step = trainer.initial_state(), trainer.jit_train_step()
   batch_sharding = sharding.batch_sharding(run.mesh)

@@ -7,6 +7,7 @@ other checkpoint families (GELU form, pooling, class token, registers, LayerScal
 pre-norm, qkv biases, pre-logits) are config fields, one ViT for all of them.
 """
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,8 +16,8 @@ import ml_collections
 import numpy as np
 
 from adaptformer_jax.errors import ConfigError
-from adaptformer_jax.models import methods
-from adaptformer_jax.models import peft_layers
+from adaptformer_jax.models import layers
+from adaptformer_jax.models import tuning
 
 # model.gelu: torch.nn.GELU() is the exact erf form, flax's default (big_vision) the
 # tanh approximation, OpenAI CLIP's QuickGELU a sigmoid approximation. 'exact' is
@@ -42,7 +43,8 @@ REMAT_POLICIES = {
 }
 
 
-def attention_implementation(choice: str, dtype, head_dim: int, lengths=(), device=None) -> str:
+def attention_implementation(choice: str, dtype: Any, head_dim: int, lengths: tuple[int, ...] = (),
+                             device: Any = None) -> str:
   """model.attention -> jax.nn.dot_product_attention's implementation ('xla' | 'cudnn').
 
   'auto' takes cuDNN's fused (flash) kernel where it is known to apply -- an
@@ -68,7 +70,8 @@ def attention_implementation(choice: str, dtype, head_dim: int, lengths=(), devi
   return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable and even) else 'xla'
 
 
-def pad_tokens(cfg: ml_collections.FrozenConfigDict, dtype, tokens: int, device=None) -> int:
+def pad_tokens(cfg: ml_collections.FrozenConfigDict, dtype: Any, tokens: int,
+               device: Any = None) -> int:
   """Pad tokens (0 or 1) the blocks carry so that their self-attention over `tokens`
   real ones can run on cuDNN: one where the count is odd and cuDNN would take the
   even count. Padding the whole stack once costs one token of every layer's work;
@@ -141,7 +144,7 @@ class Attention(nn.Module):
       q = q + self.param('q_bias', nn.initializers.zeros, (d,)).astype(q.dtype)
       v = v + self.param('v_bias', nn.initializers.zeros, (d,)).astype(v.dtype)
     if self.lora:
-      lora = functools.partial(peft_layers.LoRA, d, self.cfg.lora.rank,
+      lora = functools.partial(layers.LoRA, d, self.cfg.lora.rank,
                                self.cfg.lora.alpha, self.dtype)
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
@@ -202,7 +205,7 @@ class Block(nn.Module):
     adapter = None
     if self.adapter:
       a = self.cfg.adapter
-      adapter = peft_layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
+      adapter = layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
                                      self.dtype, a.init, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
@@ -318,7 +321,7 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
-    tuning = methods.parse(cfg.tuning)
+    methods = tuning.parse(cfg.tuning)
     x = embed_patches(cfg, dtype, images)
     b = x.shape[0]
     tokens = lambda t: jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(x.dtype)
@@ -339,10 +342,10 @@ class VisionTransformer(nn.Module):
     if cfg.ln_pre:
       x = layer_norm(cfg, dtype, 'norm_pre')(x)
 
-    vpt = tuning.vpt
+    vpt = methods.vpt
     n_prompt = cfg.vpt.num_tokens
     if vpt:
-      prompts = self.param('prompts', peft_layers.prompt_init,
+      prompts = self.param('prompts', layers.prompt_init,
                            (cfg.depth if vpt == 'deep' else 1, n_prompt, cfg.width))
       add_prompts = lambda x, i: jnp.concatenate([tokens(prompts[i:i + 1]), x], 1)
 
@@ -355,7 +358,7 @@ class VisionTransformer(nn.Module):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
         x = add_prompts(x, i if vpt == 'deep' else 0)
-      x = block(cfg, dtype, tuning.adaptformer, tuning.lora, pad, name=f'block{i}')(x, train)
+      x = block(cfg, dtype, methods.adaptformer, methods.lora, pad, name=f'block{i}')(x, train)
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
     x = x[:, :x.shape[1] - pad]
