@@ -142,9 +142,7 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       # GPUs, bf16) or 'auto' (cuDNN where it is known to apply, XLA elsewhere;
       # vit.attention_implementation; odd token counts carry a pad, vit.pad_tokens).
       attention='auto',
-      # 'none' | 'block' | 'dots' or False | True, see vit.REMAT; untyped, so both
-      # `--config.model.remat=dots` and `=True` parse.
-      remat=ml_collections.FieldReference(False, field_type=object),
+      remat='none',  # 'none' | 'block' | 'dots': what each block keeps, see vit.REMAT
   ))
   _override(cfg, FAMILIES.get(family(name), {}))
   _override(cfg, overrides)
@@ -196,7 +194,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'model.{field}: must be >= 0, got {cfg[field]}.')
   if cfg.layerscale is not None and cfg.layerscale <= 0:
     raise ConfigError(f'model.layerscale: must be None (off) or > 0, got {cfg.layerscale}.')
-  if not (isinstance(cfg.remat, (bool, str)) and cfg.remat in vit.REMAT):
+  if cfg.remat not in vit.REMAT:
     raise ConfigError(f'model.remat: {cfg.remat!r} is not one of '
                       f"{', '.join(map(repr, vit.REMAT))}.")
   if cfg.image_size <= 0 or cfg.image_size % cfg.patch_size:

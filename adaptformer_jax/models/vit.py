@@ -33,8 +33,7 @@ dense_init = nn.initializers.xavier_uniform()
 # input (the block runs twice); 'dots' the matmul outputs, recomputing the LayerNorms,
 # softmax and GELU -- what adapter tuning wants: frozen matmuls need no saved inputs,
 # so it drops the large elementwise intermediates for little compute (RESULTS.md).
-# False and True are the older spellings of 'none' and 'block'.
-REMAT = {False: 'none', True: 'block', 'none': 'none', 'block': 'block', 'dots': 'dots'}
+REMAT = ('none', 'block', 'dots')
 # What nn.remat may save under each policy (None: nothing but the block's input).
 REMAT_POLICIES = {
     'block': None,
@@ -347,9 +346,8 @@ class VisionTransformer(nn.Module):
 
     pad = pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # at the end: prompts go in front
-    remat = REMAT[cfg.remat]
-    block = Block if remat == 'none' else nn.remat(
-        Block, static_argnums=(2,), policy=REMAT_POLICIES[remat])
+    block = Block if cfg.remat == 'none' else nn.remat(
+        Block, static_argnums=(2,), policy=REMAT_POLICIES[cfg.remat])
     for i in range(cfg.depth):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
