@@ -78,11 +78,6 @@ def adapter_scale(v: Any) -> str | None:
   return None if v == 'learnable' or _is_number(v) else "must be a number or 'learnable'"
 
 
-def remat(v: Any) -> str | None:
-  ok = isinstance(v, (bool, str)) and v in vit.REMAT
-  return None if ok else f"must be one of {', '.join(map(repr, vit.REMAT))}"
-
-
 class OptionalSection(dict):
   """A section only some models have (absent or null elsewhere), checked where present."""
 
@@ -122,7 +117,7 @@ MODEL = {
     'lora': {'rank': POSITIVE, 'alpha': number(0, low_open=True)},
     'trainable': regexes, 'dtype': PRECISION, 'frozen_dtype': PRECISION,
     'attention': one_of('auto', 'xla', 'cudnn'),
-    'remat': remat,
+    'remat': one_of(*vit.REMAT),  # what each block keeps for the backward pass
     # Masked-autoencoder pre-training (models.mae).
     'mae': OptionalSection({'mask_ratio': number(0, 1, low_open=True),
                             'decoder_width': POSITIVE, 'decoder_depth': POSITIVE,

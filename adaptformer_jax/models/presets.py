@@ -120,9 +120,7 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       # GPUs, bf16) or 'auto' (cuDNN where it is known to apply, XLA elsewhere;
       # vit.attention_implementation; odd token counts carry a pad, vit.pad_tokens).
       attention='auto',
-      # 'none' | 'block' | 'dots' or False | True, see vit.REMAT; untyped, so both
-      # `--config.model.remat=dots` and `=True` parse.
-      remat=ml_collections.FieldReference(False, field_type=object),
+      remat='none',  # 'none' | 'block' | 'dots': what each block keeps, see vit.REMAT
   ))
   _override(cfg, FAMILIES.get(family(name), {}))
   _override(cfg, overrides)

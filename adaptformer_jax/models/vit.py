@@ -34,8 +34,7 @@ dense_init = nn.initializers.xavier_uniform()
 # input (the block runs twice); 'dots' the matmul outputs, recomputing the LayerNorms,
 # softmax and GELU -- what adapter tuning wants: frozen matmuls need no saved inputs,
 # so it drops the large elementwise intermediates for little compute (RESULTS.md).
-# False and True are the older spellings of 'none' and 'block'.
-REMAT = {False: 'none', True: 'block', 'none': 'none', 'block': 'block', 'dots': 'dots'}
+REMAT = ('none', 'block', 'dots')
 # What nn.remat may save under each policy (None: nothing but the block's input).
 REMAT_POLICIES = {
     'block': None,
@@ -50,9 +49,9 @@ def attention_implementation(choice: str, dtype: Any, head_dim: int, lengths: tu
   'auto' takes cuDNN's fused (flash) kernel where it is known to apply -- an
   NVIDIA GPU, bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128,
   even query and key lengths (`lengths`) -- and XLA's unfused attention
-  everywhere else (CPU, TPU, f32). The even lengths: jax 0.11.2 on an H100
-  refused to differentiate cuDNN attention over ViT-B/16's 197 tokens
-  ("Unsupported sequence length Q 197, KV 197") though it ran it forward; the
+  everywhere else (CPU, TPU, f32). The even lengths: jax (0.11.2) runs cuDNN
+  attention forward over an odd token count but refuses to differentiate it
+  ("Unsupported sequence length Q 197, KV 197" for ViT-B/16's 197 tokens); the
   ViT's blocks therefore carry one masked pad token where that makes the count
   even (`pad_tokens`), and an explicit 'cudnn' pads any other odd lengths per
   call (`padded_attention`).
@@ -75,8 +74,7 @@ def pad_tokens(cfg: ml_collections.FrozenConfigDict, dtype: Any, tokens: int,
   """Pad tokens (0 or 1) the blocks carry so that their self-attention over `tokens`
   real ones can run on cuDNN: one where the count is odd and cuDNN would take the
   even count. Padding the whole stack once costs one token of every layer's work;
-  copying q, k and v to a padded length in every layer cost ~0.7 ms of a 34 ms H100
-  step (RESULTS.md)."""
+  copying q, k and v to a padded length in every layer costs more (RESULTS.md)."""
   if tokens % 2 == 0:
     return 0
   padded = (tokens + 1, tokens + 1)
@@ -261,8 +259,8 @@ class Head(nn.Module):
 
 class PatchEmbedding(nn.Module):
   """nn.Conv with kernel = stride and VALID padding (same parameters, same outputs),
-  computed as one matmul over flattened patches: cuDNN ran ViT-B/16's convolution
-  as five kernels in 0.92 ms of a 34 ms H100 step, for a matmul's worth of FLOPs."""
+  computed as one matmul over flattened patches: cuDNN runs such a convolution as
+  several kernels, far slower than one matmul of the same FLOPs (RESULTS.md)."""
   width: int
   patch: tuple[int, ...]
   dtype: jnp.dtype
@@ -351,9 +349,8 @@ class VisionTransformer(nn.Module):
 
     pad = pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # at the end: prompts go in front
-    remat = REMAT[cfg.remat]
-    block = Block if remat == 'none' else nn.remat(
-        Block, static_argnums=(2,), policy=REMAT_POLICIES[remat])
+    block = Block if cfg.remat == 'none' else nn.remat(
+        Block, static_argnums=(2,), policy=REMAT_POLICIES[cfg.remat])
     for i in range(cfg.depth):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
