@@ -3,7 +3,7 @@ that span fields, for the model (image, video, MAE), the data and the training l
 
 A job validates its run config once, where it enters (`train.setup`, `jobs.model_config`,
 `workdirs.load_config` for a saved config.json); `models.preset` and `models.build`
-validate a model config. Every problem is listed at once in one ConfigError, before
+validate a model config (`validate_model`). Every problem is listed at once in one ConfigError, before
 anything is compiled, trained or written.
 """
 import math
@@ -14,6 +14,7 @@ import ml_collections
 
 from adaptformer_jax.data import views
 from adaptformer_jax.errors import ConfigError
+from adaptformer_jax.models import presets
 from adaptformer_jax.models import tuning
 from adaptformer_jax.models import vit
 
@@ -86,7 +87,7 @@ POSITIVE = integer(at_least=1)
 PRECISION = one_of('float32', 'bfloat16')
 
 MODEL = {
-    'name': string(),  # one of models.PRESETS: presets.validate says so with suggestions
+    'name': string(),  # one of models.PRESETS: checked by _preset, with suggestions
     'patch_size': POSITIVE, 'width': POSITIVE, 'depth': POSITIVE,
     'num_heads': POSITIVE, 'mlp_dim': POSITIVE, 'image_size': POSITIVE,
     'num_classes': integer(at_least=1, or_value=0, meaning='0 takes the count from the data'),
@@ -123,6 +124,10 @@ MODEL = {
                             'decoder_width': POSITIVE, 'decoder_depth': POSITIVE,
                             'decoder_heads': POSITIVE}),
 }
+
+
+def _preset(m: dict[str, Any]) -> str | None:
+  return presets.unknown_preset(m['name'])
 
 
 def _tuning(m: dict[str, Any]) -> str | None:
@@ -177,7 +182,7 @@ def _mae(m: dict[str, Any]) -> str | None:
   return None
 
 
-MODEL_RULES: tuple[Rule, ...] = (_pool, _image_size, _frames, _heads, _tuning, _mae)
+MODEL_RULES: tuple[Rule, ...] = (_preset, _pool, _image_size, _frames, _heads, _tuning, _mae)
 
 DATA = {
     'name': string(), 'data_dir': string(optional=True), 'train_split': string(),
@@ -226,6 +231,11 @@ def model_problems(model: Any) -> list[str]:
   model = _as_dict(model)
   found = _check(model, MODEL, 'model.')
   return found or [why for rule in MODEL_RULES if (why := rule(model))]
+
+
+def validate_model(model: Any) -> None:
+  """Raises one ConfigError listing every problem of a model config."""
+  raise_if(model_problems(model))
 
 
 def problems(config: Any) -> list[str]:

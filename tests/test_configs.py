@@ -93,9 +93,9 @@ def test_adapter_scale_is_a_number_or_learnable_from_the_command_line(value, exp
   if expected == 'learn':
     with pytest.raises(ConfigError, match="model.adapter.scale: must be a number or "
                        "'learnable', got 'learn'"):
-      presets.validate(config.model)
+      schema.validate_model(config.model)
   else:
-    presets.validate(config.model)
+    schema.validate_model(config.model)
     schema.validate(config.to_dict())
 
 

@@ -224,14 +224,14 @@ def test_views_shard_over_devices_and_pad_as_single_views(video_dir):
 
 
 def test_a_run_resumes_with_other_eval_views(tmp_path, monkeypatch):
-  """Views are an eval setting: a run from before the fields existed (or with other
-  counts) resumes with them changed; a model change still conflicts."""
+  """Views are an eval setting: a run saved with other counts resumes with them
+  changed; a model change still conflicts."""
   config = shipped_config('ssv2', 'adaptformer')
   saved = config.to_dict()
-  del saved['data']['eval_clips'], saved['data']['eval_crops']
+  saved['data'].update(eval_clips=1, eval_crops=1)
   (tmp_path / workdirs.CONFIG_FILE).write_text(json.dumps(saved))
-  monkeypatch.setattr(workdirs.checkpoint, 'latest_step', lambda workdir: 1)
-  workdirs.prepare(config, str(tmp_path))  # 4 x 3 where the saved run had none
+  monkeypatch.setattr(workdirs.checkpoints, 'latest_step', lambda workdir: 1)
+  workdirs.prepare(config, str(tmp_path))  # 4 x 3 where the saved run had 1 x 1
   config.data.eval_clips = 2
   workdirs.prepare(config, str(tmp_path))
   config.model.width = 384

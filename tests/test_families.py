@@ -26,7 +26,7 @@ TIMM_TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0
 
 @pytest.fixture(name='timm', scope='module')
 def _timm():
-  import timm_reference  # pylint: disable=g-import-not-at-top
+  from references import timm_reference  # pylint: disable=g-import-not-at-top
   timm_reference.import_timm()
   return timm_reference
 
@@ -160,7 +160,7 @@ def test_vpt_deep_with_registers_and_without_class_token(family, timm, tmp_path)
 @pytest.mark.parametrize('quick_gelu', [True, False])
 def test_openclip_state_dict_matches_openclip_forward(quick_gelu, tmp_path):
   """OpenCLIP's own names (`visual.*`, text tower alongside), against its VisionTransformer."""
-  import timm_reference  # pylint: disable=g-import-not-at-top
+  from references import timm_reference  # pylint: disable=g-import-not-at-top
   transformer = timm_reference.import_open_clip_transformer()
   import torch  # pylint: disable=g-import-not-at-top
   act = transformer.QuickGELU if quick_gelu else torch.nn.GELU

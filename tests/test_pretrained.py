@@ -1,7 +1,7 @@
 """Checkpoint loading: every layout against an independent forward, resampling, and clear errors.
 
 torch layouts are checked against the PyTorch port of the official model
-(tests/torch_reference.py); timm .safetensors and big_vision .npz need no torch
+(tests/references/torch_reference.py); timm .safetensors and big_vision .npz need no torch
 and are checked against a float64 numpy forward written here.
 """
 import argparse

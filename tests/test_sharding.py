@@ -71,8 +71,7 @@ def test_tensor_parallel_matches_data_parallel_and_shards_kernels():
 def test_partition_rules():
   from jax.sharding import AbstractMesh  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from adaptformer_jax import runtime
-from adaptformer_jax import sharding  # pylint: disable=g-import-not-at-top
+  from adaptformer_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = AbstractMesh((2, 4), ('data', 'model'))
   spec = lambda path, shape: sharding.partition_spec(path, shape, mesh)
   assert spec('params/block3/attn/qkv/kernel', (768, 2304)) == P(None, 'model')
@@ -97,6 +96,7 @@ def train_losses(model_parallel):
   """Losses of STEPS train steps of the tiny AdaptFormer on one synthetic batch."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from adaptformer_jax import runtime  # pylint: disable=g-import-not-at-top
   from adaptformer_jax import sharding  # pylint: disable=g-import-not-at-top
   from adaptformer_jax import train  # pylint: disable=g-import-not-at-top
   from conftest import tiny_run_config  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""The preset table, `preset(name, **overrides)` and `build(model_cfg)`.
+"""The preset table, each preset's default model config and the module it builds.
 
 A model is described entirely by a ConfigDict, so the same dict drives building,
 checkpoint loading, the trainable mask and the workdir's saved config.
@@ -8,7 +8,6 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from adaptformer_jax import schema
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.errors import did_you_mean
 from adaptformer_jax.models import mae
@@ -74,16 +73,19 @@ def family(name: str) -> str | None:
   return found if found in FAMILIES else None
 
 
-def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """A model ConfigDict for preset `name`, with top-level or nested overrides.
+def unknown_preset(name: str) -> str | None:
+  """What is wrong with preset name `name`, with suggestions; None for a known one."""
+  if name in PRESETS:
+    return None
+  return (f'model.name: unknown preset {name!r}{did_you_mean(name, PRESETS)}; '
+          f"allowed: {', '.join(PRESETS)}")
 
-  Nested sections take dicts: `preset('vit_b16', adapter=dict(bottleneck=16))`.
-  Video presets (`videomae_*`) take clips (T, H, W, 3): see `input_shape`.
-  """
-  if name not in PRESETS:
-    raise ConfigError(
-        f'model.name: unknown preset {name!r}{did_you_mean(name, PRESETS)}; '
-        f"allowed: {', '.join(PRESETS)}.")
+
+def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """The model ConfigDict of preset `name` with top-level or nested overrides, not yet
+  validated (`models.preset` validates it)."""
+  if unknown_preset(name):
+    raise ConfigError(unknown_preset(name) + '.')
   patch, width, depth, heads, mlp_dim = PRESETS[name]
   cfg = ml_collections.ConfigDict(dict(
       name=name, patch_size=patch, width=width, depth=depth, num_heads=heads,
@@ -124,7 +126,6 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   ))
   _override(cfg, FAMILIES.get(family(name), {}))
   _override(cfg, overrides)
-  validate(cfg)
   return cfg
 
 
@@ -153,13 +154,6 @@ def _assign(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
     cfg[key] = value
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises one ConfigError listing what is wrong with model config `cfg` (schema.MODEL)."""
-  if cfg.name not in PRESETS:
-    preset(cfg.name)  # raises the unknown-preset error, with suggestions
-  schema.raise_if(schema.model_problems(cfg))
-
-
 def input_shape(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   """One example's shape: (H, W, 3) for images, (T, H, W, 3) for video clips."""
   image = (model_cfg.image_size, model_cfg.image_size, 3)
@@ -171,12 +165,6 @@ def token_grid(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   side = model_cfg.image_size // model_cfg.patch_size
   return (side, side) if model_cfg.patch_embed == '2d' else (
       model_cfg.num_frames // model_cfg.tubelet, side, side)
-
-
-def build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
-  """The Flax module for a model ConfigDict, validated first."""
-  validate(model_cfg)
-  return module(model_cfg)
 
 
 def module(model_cfg: ml_collections.ConfigDict) -> nn.Module:

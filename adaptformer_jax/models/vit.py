@@ -307,7 +307,7 @@ def sinusoid_table(num_tokens: int, width: int) -> np.ndarray:
 
 class VisionTransformer(nn.Module):
   """ViT classifier for images (B, H, W, 3) or, with a tubelet patch embedding,
-  videos (B, T, H, W, 3); `cfg` is a model ConfigDict from `presets.preset`.
+  videos (B, T, H, W, 3); `cfg` is a model ConfigDict from `models.preset`.
 
   The tuning method is parsed here, once; the blocks get plain booleans. Token
   order: [VPT prompts] [class token] [registers] patches; the position embedding

@@ -53,7 +53,7 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
   Returns:
     {'params': ..., 'batch_stats': ... (bn_linear head only)} of numpy arrays.
   """
-  model = presets.build(model_cfg)
+  model = presets.module(model_cfg)
   dummy = jnp.zeros((1, *presets.input_shape(model_cfg)), jnp.float32)
   target = flax.traverse_util.flatten_dict(
       jax.eval_shape(model.init, jax.random.key(0), dummy), sep='/')
