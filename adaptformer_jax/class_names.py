@@ -8,9 +8,10 @@ from typing import Sequence
 
 import jax
 
-from adaptformer_jax import checkpoint
 from adaptformer_jax import files
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.weights import checkpoints
+from adaptformer_jax.weights import exports
 
 FILE = 'class_names.json'
 
@@ -27,7 +28,7 @@ def record(workdir: str, class_names: Sequence[str]) -> None:
   first one, a restart may change the data and rewrites the file.
   """
   recorded = read_workdir(workdir)
-  if recorded is not None and checkpoint.latest_step(workdir) is not None:
+  if recorded is not None and checkpoints.latest_step(workdir) is not None:
     check(recorded, class_names, f'--workdir {workdir} holds a run of')
     return
   if jax.process_index() == 0:
@@ -48,11 +49,11 @@ def of_model(workdir: str | None = None, checkpoint_path: str | None = None,
   step (`checkpoint_path`, else the latest of `workdir`), or the workdir; None if none does.
   """
   if adapters:
-    return checkpoint.read_adapter_config(adapters).get('class_names')
+    return exports.read_adapter_config(adapters).get('class_names')
   if checkpoint_path:
-    names = checkpoint.step_metadata(checkpoint_path).get('class_names')
-  elif workdir and checkpoint.latest_step(workdir) is not None:
-    with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
+    names = checkpoints.step_metadata(checkpoint_path).get('class_names')
+  elif workdir and checkpoints.latest_step(workdir) is not None:
+    with checkpoints.Checkpointer(workdir, read_only=True) as ckpt:
       names = ckpt.metadata().get('class_names')
   else:
     names = None

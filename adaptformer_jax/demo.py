@@ -22,6 +22,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from adaptformer_jax import cli
+from adaptformer_jax import runtime
 from adaptformer_jax import train
 
 
@@ -51,7 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for method in config.methods:
     scores = [_train(method_config(config, method, seed),
                      os.path.join(workdir, method, f'seed{seed}')) for seed in config.seeds]
-    trainable, total = train.Run(method_config(config, method, 0)).param_counts()
+    trainable, total = runtime.Run(method_config(config, method, 0)).param_counts()
     summary['methods'][method] = {
         'top1': statistics.mean(scores),
         'top1_std': statistics.stdev(scores) if len(scores) > 1 else 0.0,

@@ -7,6 +7,7 @@ outputs per video before its top-1/top-5; the loss is that of the mean logits.
 """
 import functools
 from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -77,19 +78,19 @@ def describe(result: dict[str, Any]) -> str:
   return f"loss {result['loss']:.4f}  ({result['count']} images)"
 
 
-def scalars(result):
+def scalars(result: dict[str, Any]) -> dict[str, float]:
   """The scalar metrics of an `evaluate` result, for metric writers."""
   return {k: v for k, v in result.items() if k != 'confusion'}
 
 
-def per_class_accuracy(confusion):
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
   """Top-1 accuracy of each class (NaN for a class without examples)."""
   counts = np.asarray(confusion, np.float64)
   with np.errstate(invalid='ignore', divide='ignore'):
     return np.diag(counts) / counts.sum(axis=1)
 
 
-def per_class_table(confusion, class_names):
+def per_class_table(confusion: np.ndarray, class_names: Sequence[str]) -> str:
   """A header and one line per class: name, top-1, number of images."""
   counts = np.asarray(confusion).sum(axis=1)
   width = max(len(n) for n in [*class_names, 'class'])

@@ -6,7 +6,6 @@ loading one needs no dataset. The jobs take no workdir lock: a run being trained
 can be read, its checkpoints appear by atomic rename. Every result names the
 checkpoint it came from.
 """
-import copy
 import json
 import os
 import time
@@ -17,18 +16,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from adaptformer_jax import checkpoint
 from adaptformer_jax import class_names
-from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
 from adaptformer_jax import files
 from adaptformer_jax import models
 from adaptformer_jax import predict
-from adaptformer_jax import train
+from adaptformer_jax import runtime
+from adaptformer_jax import schema
 from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.models import mae
+from adaptformer_jax.weights import checkpoints
+from adaptformer_jax.weights import exports
 
 EVAL_FILE = 'eval.json'
 PREDICTIONS_FILE = 'predictions.csv'
@@ -38,61 +38,51 @@ SHOWN_PREDICTIONS = 20  # images whose predictions are printed; the CSV has them
 def model_config(config: ml_collections.ConfigDict, workdir: str | None = None,
                  checkpoint_path: str | None = None,
                  adapters: str | None = None) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """(config with model.num_classes resolved, the model's class names).
+  """(config validated, with model.num_classes resolved; the model's class names).
 
   The names are those the model records; a run from before they were recorded
   falls back on the dataset's. model.num_classes=0 becomes their count; any other
   value must equal it. A workdir without a checkpoint is a UserError.
   """
-  if not (adapters or checkpoint_path or workdir and checkpoint.latest_step(workdir) is not None):
+  if not (adapters or checkpoint_path or workdir and checkpoints.latest_step(workdir) is not None):
     raise UserError(f'--workdir {workdir} has no checkpoint; train first, or pass '
                     '--checkpoint PATH.')
   names = class_names.of_model(workdir, checkpoint_path, adapters)
   if names is None:
     names = data.info(config.data).class_names
-  if config.model.num_classes == 0:
-    config = copy.deepcopy(config)
-    config.model.num_classes = len(names)
-  elif config.model.num_classes != len(names):
-    raise UserError(f'model.num_classes={config.model.num_classes} but the trained model '
-                    f'records {len(names)} class names; use the config it was trained with.')
-  config_check.validate(config)
+  config = runtime.with_num_classes(
+      config, len(names), f'the trained model records {len(names)} class names; use the '
+      'config it was trained with')
+  schema.validate(config)
   return config, list(names)
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str | None,
-             checkpoint_path: str | None = None) -> tuple[train.Run, train.TrainState, str]:
-  """The run and trained state of a workdir (latest, or `checkpoint_path`), and the
-  checkpoint step directory it came from; `model_config` has checked there is one."""
-  # Restoring needs the train state's structure, which the schedule's length does not
-  # change: a schedule in epochs gets a nominal dataset size (the data is not read).
-  trainer = train.Trainer(train.Run(config), num_train=config.batch_size)
-  if checkpoint_path:
-    state = checkpoint.restore_path(checkpoint_path, trainer.abstract_state())
-    return trainer.run, state, os.path.abspath(checkpoint_path)
-  with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
-    state = ckpt.restore(trainer.abstract_state())
-    return trainer.run, state, os.path.join(ckpt.directory, str(int(state.step)))
-
-
-def load_variables(config: ml_collections.ConfigDict, workdir: str | None = None,
-                   checkpoint_path: str | None = None,
-                   adapters: str | None = None) -> tuple[train.Run, dict[str, Any]]:
-  """(run, variables) of a trained model, ready for `run.model.apply`.
+def trained_model(config: ml_collections.ConfigDict, workdir: str | None = None,
+                  checkpoint_path: str | None = None, adapters: str | None = None
+                  ) -> tuple[runtime.Run, dict[str, Any], list[str], str]:
+  """(run, variables, class names, where the weights came from) of a trained model.
 
   From the latest checkpoint of `workdir` (or `checkpoint_path`), or -- with
   `adapters` -- the frozen backbone of `config.init_from` with the exported
   adapters swapped in. `run.config` has model.num_classes resolved.
   """
-  config, _ = model_config(config, workdir, checkpoint_path, adapters)
+  config, names = model_config(config, workdir, checkpoint_path, adapters)
+  run = runtime.Run(config)
   if not adapters:
-    run, state, _ = _restore(config, workdir, checkpoint_path)
-    return run, run.variables(state)
-  checkpoint.check_backbone(adapters, config)
-  run = train.Run(config)
-  variables = train.init_variables(config, run.model, jax.random.key(config.seed))
-  variables = checkpoint.swap_in_adapters(adapters, variables, run.mask, config.model)
-  return run, run.place(run.stored(variables))
+    variables, source = run.restore(workdir, checkpoint_path)
+    return run, variables, names, source
+  exports.check_backbone(adapters, config)
+  variables = runtime.init_variables(config, run.model, jax.random.key(config.seed))
+  variables = exports.swap_in_adapters(adapters, variables, run.mask, config.model)
+  return run, run.place(run.stored(variables)), names, os.path.abspath(adapters)
+
+
+def load_variables(config: ml_collections.ConfigDict, workdir: str | None = None,
+                   checkpoint_path: str | None = None,
+                   adapters: str | None = None) -> tuple[runtime.Run, dict[str, Any]]:
+  """(run, variables) of a trained model (`trained_model`), ready for `run.model.apply`."""
+  run, variables, _, _ = trained_model(config, workdir, checkpoint_path, adapters)
+  return run, variables
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
@@ -107,19 +97,13 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
   be written (read-only) loses the record with a warning, not the result.
   """
   info = data.info(config.data)
-  config, names = model_config(config, workdir, checkpoint_path, adapters)
+  run, variables, names, source = trained_model(config, workdir, checkpoint_path, adapters)
   class_names.check(names, info.class_names, 'the model was trained on')
-  if adapters:
-    run, variables = load_variables(config, adapters=adapters)
-    source = os.path.abspath(adapters)
-  else:
-    run, state, source = _restore(config, workdir, checkpoint_path)
-    variables = run.variables(state)
-  result = evaluate.evaluate(run.model, variables, train.eval_dataset(config, run))
+  result = evaluate.evaluate(run.model, variables, runtime.eval_dataset(run.config, run))
   # The picture goes where the record goes: never into another run's or a read-only workdir.
   if (jax.process_index() == 0 and os.path.isdir(workdir)
       and _record(workdir, {**result, 'checkpoint': source})):
-    train.write_confusion(workdir, result, names)
+    runtime.write_confusion(workdir, result, names)
   if per_class:
     print(evaluate.per_class_table(result['confusion'], names))
   return result
@@ -149,13 +133,11 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
 
   A different export already in out_dir is replaced only with `overwrite`.
   """
-  config, names = model_config(config, workdir, checkpoint_path)
-  run, state, source = _restore(config, workdir, checkpoint_path)
+  run, variables, names, source = trained_model(config, workdir, checkpoint_path)
   mask = mae.encoder_mask(run.mask) if models.is_pretraining(run.model) else run.mask
-  return checkpoint.export_adapters(out_dir, run.variables(state), mask, config.model,
-                                    names, source=source,
-                                    backbone=checkpoint.backbone_record(config),
-                                    overwrite=overwrite)
+  return exports.export_adapters(out_dir, variables, mask, run.config.model, names,
+                                 source=source, backbone=exports.backbone_record(run.config),
+                                 overwrite=overwrite)
 
 
 def predict_files(config: ml_collections.ConfigDict, workdir: str | None,
@@ -181,8 +163,7 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str | None,
   if not out:
     raise UserError('--mode predict needs --out DIR (or --workdir) for predictions.csv.')
   workdirs.check_writable(out, '--out')
-  config, names = model_config(config, workdir, checkpoint_path, adapters)
-  run, variables = load_variables(config, workdir, checkpoint_path, adapters)
+  run, variables, names, _ = trained_model(config, workdir, checkpoint_path, adapters)
   start = time.perf_counter()
   probabilities = predict.predict(variables, run.config, paths, progress=config.progress)
   elapsed = time.perf_counter() - start

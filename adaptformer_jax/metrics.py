@@ -3,6 +3,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -66,7 +67,7 @@ class Progress:
     self._bar.close()
 
 
-def write_confusion_png(path, confusion, class_names):
+def write_confusion_png(path: str, confusion: np.ndarray, class_names: Sequence[str]) -> None:
   """A confusion-matrix heat map: row i is the true class, column j the prediction,
   shaded by the share of class i predicted as j; counts and names when they fit.
   """

@@ -6,9 +6,10 @@ image with its top-k classes.
 import csv
 import functools
 import io
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
+import ml_collections
 from jax.sharding import NamedSharding
 import numpy as np
 import tqdm
@@ -27,8 +28,8 @@ def _probabilities(model, variables, images):
   return jax.nn.softmax(model.apply(variables, images, train=False).astype(np.float32))
 
 
-def predict(variables, config, images: Sequence, *, batch_size: int = 0,
-            progress: bool = False) -> np.ndarray:
+def predict(variables: dict[str, Any], config: ml_collections.ConfigDict, images: Sequence, *,
+            batch_size: int = 0, progress: bool = False) -> np.ndarray:
   """(len(images), num_classes) softmax probabilities of the model `config.model`.
 
   `images` are all file paths (any format `folder.decode` reads) or all uint8 arrays

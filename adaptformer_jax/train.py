@@ -5,45 +5,31 @@ frozen parameters are constants to autodiff and carry no optimizer state.
 """
 import dataclasses
 import functools
-import os
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from adaptformer_jax import checkpoint
 from adaptformer_jax import class_names
-from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
 from adaptformer_jax import interrupts
 from adaptformer_jax import metrics
 from adaptformer_jax import models
-from adaptformer_jax import peft
-from adaptformer_jax import pretrained
+from adaptformer_jax import runtime
+from adaptformer_jax import schema
 from adaptformer_jax import sharding
 from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
-
-
-CONFUSION_FILE = 'confusion_matrix.png'
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array      # micro-batches seen; the data position and dropout RNG derive from it
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
+from adaptformer_jax.models import tuning
+from adaptformer_jax.weights import checkpoints
+from adaptformer_jax.weights import formats
 
 class TrainingDiverged(UserError):
   """A non-finite loss or gradient with config.nonfinite == 'stop'."""
@@ -103,30 +89,12 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: Plan,
                           should_skip_update_fn=optax.skip_not_finite).gradient_transformation()
   else:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
-  return peft.freeze(tx, mask), schedule
+  return tuning.freeze(tx, mask), schedule
 
 
-def init_variables(config: ml_collections.ConfigDict, model: nn.Module,
-                   rng: jax.Array) -> dict[str, Any]:
-  """Fresh variables, overwritten by `config.init_from` where the checkpoint has them.
-
-  Leaves matching a `config.init_dont_load` regex (e.g. 'head/.*' to start a new
-  task's classifier afresh) keep their fresh values, as big_vision's dont_load.
-  """
-  fresh = model.init(rng, jnp.zeros((1, *models.input_shape(config.model))), train=False)
-  if not config.init_from:
-    return dict(fresh)
-  loaded = pretrained.load(config.init_from, config.model, init_variables=fresh,
-                           init_has_backbone=False)
-  rules = [re.compile(r) for r in config.init_dont_load]
-  keep_fresh = lambda path, new, old: old if any(
-      r.fullmatch('/'.join(k.key for k in path[1:])) for r in rules) else new
-  return jax.tree_util.tree_map_with_path(keep_fresh, dict(loaded), dict(fresh))
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+def train_step(state: runtime.TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, mask: Any, seed: int,
-               label_smoothing: float) -> tuple[TrainState, dict[str, jax.Array]]:
+               label_smoothing: float) -> tuple[runtime.TrainState, dict[str, jax.Array]]:
   """One micro-batch: forward, input/adapter gradients, (accumulated) SGD update.
 
   A classifier's loss is the (label-smoothed) cross-entropy; a pre-training model
@@ -136,7 +104,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   pretraining = models.is_pretraining(model)
 
   def loss_fn(params):
-    variables = {'params': peft.stop_frozen_gradients(params, mask)}
+    variables = {'params': tuning.stop_frozen_gradients(params, mask)}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
     outputs, new_vars = model.apply(
@@ -155,7 +123,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-  params = peft.apply_updates(state.params, updates, mask)
+  params = tuning.apply_updates(state.params, updates, mask)
   # A non-finite step leaves parameters, statistics and optimizer state as they were.
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   state = state.replace(step=state.step + 1, params=params,
@@ -164,80 +132,36 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return state, {'loss': loss, 'finite': finite, **step_metrics}
 
 
-class Run:
-  """What a config's model is: the module, its abstract variables, the trainable mask, the mesh.
-
-  Needs no dataset (parameter counts, init, shardings are model facts); the step
-  plan and optimizer, which do, are the `Trainer`'s.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
-    self.mesh = sharding.make_mesh(config.get('model_parallel', 1))
-    self.model = models.build(config.model)
-    example = jnp.zeros((1, *models.input_shape(config.model)))
-    fresh = jax.eval_shape(lambda: self.model.init(jax.random.key(0), example))
-    self.mask = peft.trainable_mask(fresh['params'], config.model)
-    self.abstract_variables = jax.eval_shape(self.stored, fresh)
-
-  def stored(self, variables: dict[str, Any]) -> dict[str, Any]:
-    """`variables` with the frozen parameters in model.frozen_dtype, as the state keeps them."""
-    params = peft.store_frozen(variables['params'], self.mask, self.config.model.frozen_dtype)
-    return {**variables, 'params': params}
-
-  def place(self, tree: Any) -> Any:
-    """Puts a pytree of arrays on the mesh with the partitioning rules of `sharding`."""
-    return jax.device_put(tree, sharding.tree_shardings(tree, self.mesh))
-
-  def initial_variables(self) -> dict[str, Any]:
-    """`init_variables` for this config's seed, stored as the state keeps them, on the mesh."""
-    return self.place(self.stored(init_variables(self.config, self.model,
-                                                 jax.random.key(self.config.seed))))
-
-  def param_counts(self) -> tuple[int, int]:
-    """(trainable, total) parameter counts of this config's model."""
-    params = self.abstract_variables['params']
-    return peft.count(params, self.mask), peft.count(params)
-
-  @staticmethod
-  def variables(state: TrainState) -> dict[str, Any]:
-    """The model variables held by a train state, for `model.apply`."""
-    variables = {'params': state.params}
-    if state.batch_stats:
-      variables['batch_stats'] = state.batch_stats
-    return variables
-
-
 class Trainer:
   """A Run with its step plan and optimizer: what training, and restoring a train state, need."""
 
-  def __init__(self, run: Run, num_train: int | None = None):
+  def __init__(self, run: runtime.Run, num_train: int | None = None):
     self.run = run
     self.plan = make_plan(run.config, num_train)
     self.tx, self.schedule = make_optimizer(run.config, self.plan, run.mask)
 
-  def initial_state(self) -> TrainState:
+  def initial_state(self) -> runtime.TrainState:
     variables = self.run.initial_variables()
     params = variables['params']
     opt_shardings = sharding.tree_shardings(jax.eval_shape(self.tx.init, params),
                                             self.run.mesh)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    return runtime.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=jax.jit(self.tx.init, out_shardings=opt_shardings)(params))
 
-  def abstract_state(self) -> TrainState:
+  def abstract_state(self) -> runtime.TrainState:
     """Shapes and shardings of the state, for restoring without materialising an init."""
     def init():
       variables = self.run.abstract_variables
-      return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+      return runtime.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                         batch_stats=variables.get('batch_stats', {}),
                         opt_state=self.tx.init(variables['params']))
     abstract = jax.eval_shape(init)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         abstract, sharding.tree_shardings(abstract, self.run.mesh))
 
-  def jit_train_step(self) -> Callable[[TrainState, dict[str, jax.Array]],
-                                        tuple[TrainState, dict[str, jax.Array]]]:
+  def jit_train_step(self) -> Callable[[runtime.TrainState, dict[str, jax.Array]],
+                                        tuple[runtime.TrainState, dict[str, jax.Array]]]:
     config = self.run.config
     step = functools.partial(
         train_step, model=self.run.model, tx=self.tx, mask=self.run.mask, seed=config.seed,
@@ -247,34 +171,23 @@ class Trainer:
                    out_shardings=(state_shardings, sharding.replicated(self.run.mesh)))
 
 
-def eval_dataset(config: ml_collections.ConfigDict, run: Run) -> Iterator[dict[str, jax.Array]]:
-  """The eval split in padded global batches on the run's mesh."""
-  return data.eval_iterator(config.data, image_size=config.model.image_size,
-                            global_batch=config.eval_batch_size,
-                            sharding=sharding.batch_sharding(run.mesh),
-                            num_frames=_num_frames(config.model))
-
-
-def _num_frames(model_cfg: ml_collections.ConfigDict) -> int | None:
-  """The clip length a video model takes; None for image models."""
-  shape = models.input_shape(model_cfg)
-  return shape[0] if len(shape) == 4 else None
-
-
 def setup(config: ml_collections.ConfigDict,
           workdir: str | None = None) -> tuple[Any, Trainer]:
   """The dataset info and the Trainer planned on it; `trainer.run.config` has the class
   count resolved (model.num_classes=0: from the data) or checked against the data.
 
-  Every job starts here, so here the whole config is validated, before any of it is used;
-  for a training run in `workdir` that will start from `init_from` (no checkpoint there
-  yet), a missing or unknown file fails now too, not after the data is prepared.
+  A training run starts here, so here the whole config is validated, once, before any of
+  it is used; for a run in `workdir` that will start from `init_from` (no checkpoint
+  there yet), a missing or unknown file fails now too, not after the data is prepared.
   """
-  config_check.validate(config)
-  if workdir is not None and config.init_from and checkpoint.latest_step(workdir) is None:
-    pretrained.container(config.init_from)
+  schema.validate(config)
+  if workdir is not None and config.init_from and checkpoints.latest_step(workdir) is None:
+    formats.container(config.init_from)
   info = data.info(config.data)
-  return info, Trainer(Run(data.with_num_classes(config, info)), info.num_train)
+  config = runtime.with_num_classes(
+      config, info.num_classes, f'dataset {info.name!r} has {info.num_classes} classes; set '
+      f'model.num_classes={info.num_classes} (or 0: from the data)')
+  return info, Trainer(runtime.Run(config), info.num_train)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -296,7 +209,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
            info: Any) -> dict[str, float]:
   """The loop of train_and_evaluate, in a prepared workdir it owns."""
   run, plan = trainer.run, trainer.plan
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  ckpt = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(trainer.abstract_state())
     logging.info('Resumed from step %d in %s.', int(state.step), workdir)
@@ -312,12 +225,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
   logging.info('Data %s: %d classes (%s), %d training and %d eval images.', config.data.name,
                info.num_classes, _abbreviated(info.class_names), info.num_train, info.num_eval)
   logging.info('Training %s on %s: %d of %d trainable parameters, %d updates of %d images.',
-               config.model.tuning, config.data.name, peft.count(state.params, run.mask),
-               peft.count(state.params), plan.total_updates, config.batch_size)
+               config.model.tuning, config.data.name, tuning.count(state.params, run.mask),
+               tuning.count(state.params), plan.total_updates, config.batch_size)
   train_iter = data.train_iterator(
       config.data, image_size=config.model.image_size, global_batch=plan.micro_batch,
       sharding=sharding.batch_sharding(run.mesh), seed=config.seed, start_step=start,
-      num_frames=_num_frames(config.model))
+      num_frames=runtime.num_frames(config.model))
   step_fn = trainer.jit_train_step()
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(total, start, plan.micro_batch, config.progress)
@@ -364,28 +277,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, trainer: Trainer,
         if evaluate_now:
           flush(done)
           eval_metrics = evaluate.evaluate(run.model, run.variables(state),
-                                           eval_dataset(config, run))
+                                           runtime.eval_dataset(config, run))
           writer.write(done, {f'eval/{k}': v for k, v in evaluate.scalars(eval_metrics).items()})
         if stop:  # the save completes in ckpt.close() below
           raise interrupts.Interrupted(stop[0], done, workdir)
     if eval_metrics is None:  # resumed after the last step: evaluate what is there
       eval_metrics = evaluate.evaluate(run.model, run.variables(state),
-                                       eval_dataset(config, run))
+                                       runtime.eval_dataset(config, run))
   finally:
     progress.close()
     writer.close()
     ckpt.close()
-  write_confusion(workdir, eval_metrics, info.class_names)
+  runtime.write_confusion(workdir, eval_metrics, info.class_names)
   elapsed = time.perf_counter() - t0
   logging.info('Done: %s %s (%s, %d steps in %.0fs).', config.data.name,
                evaluate.describe(eval_metrics), config.model.tuning, total - start, elapsed)
   return eval_metrics
-
-
-def write_confusion(workdir: str, result: dict[str, Any], names: list[str]) -> None:
-  """<workdir>/confusion_matrix.png of an `evaluate.evaluate` result (process 0)."""
-  if jax.process_index() == 0 and os.path.isdir(workdir) and 'confusion' in result:
-    metrics.write_confusion_png(os.path.join(workdir, CONFUSION_FILE), result['confusion'], names)
 
 
 def _abbreviated(names: list[str], shown: int = 8) -> str:

@@ -17,10 +17,10 @@ from absl import logging
 import jax
 import ml_collections
 
-from adaptformer_jax import checkpoint
-from adaptformer_jax import config_check
 from adaptformer_jax import files
+from adaptformer_jax import schema
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.weights import checkpoints
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
@@ -38,7 +38,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
   change anything (e.g. fix the init_from that failed to load) and rewrites config.json.
   """
   check_writable(workdir, '--workdir')
-  if checkpoint.latest_step(workdir) is None:
+  if checkpoints.latest_step(workdir) is None:
     if jax.process_index() == 0:
       files.write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=2))
     return
@@ -78,7 +78,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   except (OSError, ValueError) as e:
     raise UserError(f'--workdir {workdir}: cannot read {CONFIG_FILE} ({e}); pass --config.'
                     ) from None
-  config_check.validate(saved, f'--workdir {workdir}: {CONFIG_FILE} is not a valid run '
+  schema.validate(saved, f'--workdir {workdir}: {CONFIG_FILE} is not a valid run '
                         'config: ', '; restore the file or pass --config')
   return ml_collections.ConfigDict(saved)
 

@@ -2,7 +2,7 @@
 
 Saves and restores the train state of a ViT-B/16 AdaptFormer run (the official
 CIFAR-100 recipe: frozen backbone, adapters, BatchNorm head, SGD momentum for the
-trainable leaves) through `checkpoint.Checkpointer`, with the SHA-256 manifest
+trainable leaves) through `weights.checkpoints.Checkpointer`, with the SHA-256 manifest
 and without it (write_manifest / verify_manifest replaced by no-ops), timed in
 alternation so both see the same machine load. The manifest is written in orbax's
 background thread and verified before a restore; the lock is taken once per run.
@@ -23,18 +23,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from adaptformer_jax import checkpoint  # noqa: E402
-from adaptformer_jax import integrity  # noqa: E402
 from adaptformer_jax import models  # noqa: E402
-from adaptformer_jax import peft  # noqa: E402
 from adaptformer_jax import workdirs  # noqa: E402
+from adaptformer_jax.models import tuning  # noqa: E402
+from adaptformer_jax.weights import checkpoints  # noqa: E402
+from adaptformer_jax.weights import integrity  # noqa: E402
 
 
 def train_state():
   cfg = models.preset('vit_b16', num_classes=100, head='bn_linear', tuning='adaptformer')
   variables = models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-  mask = peft.trainable_mask(variables['params'], cfg)
-  tx = peft.freeze(optax.sgd(0.1, momentum=0.9), mask)
+  mask = tuning.trainable_mask(variables['params'], cfg)
+  tx = tuning.freeze(optax.sgd(0.1, momentum=0.9), mask)
   return {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
           'batch_stats': variables['batch_stats'],
           'opt_state': tx.init(variables['params'])}
@@ -49,14 +49,14 @@ def timed_save_restore(root, state, with_manifest):
   workdir = tempfile.mkdtemp(dir=root)
   try:
     start = time.perf_counter()
-    ckpt = checkpoint.Checkpointer(workdir)
+    ckpt = checkpoints.Checkpointer(workdir)
     ckpt.save(1, state)
     ckpt.close()  # waits for the background write (and the manifest)
     save = time.perf_counter() - start
     assert os.path.exists(os.path.join(workdir, 'checkpoints', '1',
                                        integrity.MANIFEST)) == with_manifest
     start = time.perf_counter()
-    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    ckpt = checkpoints.Checkpointer(workdir, read_only=True)
     restored = ckpt.restore(jax.eval_shape(lambda: state))
     jax.block_until_ready(restored)
     ckpt.close()
@@ -69,7 +69,7 @@ def timed_save_restore(root, state, with_manifest):
 def hashing_seconds(root, state, repeats):
   """Median seconds of write_manifest and verify_manifest alone, on one saved step."""
   workdir = tempfile.mkdtemp(dir=root)
-  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt = checkpoints.Checkpointer(workdir)
   ckpt.save(1, state)
   ckpt.close()
   step_dir = os.path.join(workdir, 'checkpoints', '1')

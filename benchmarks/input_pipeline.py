@@ -22,6 +22,7 @@ from PIL import Image
 from adaptformer_jax import data
 from adaptformer_jax import models
 from adaptformer_jax import recipes
+from adaptformer_jax import runtime
 from adaptformer_jax import sharding
 from adaptformer_jax import train
 import machine
@@ -87,7 +88,7 @@ def main():
   config = recipes.base(model, 'sklearn_digits/all', data_dir=data_dir)
   config.batch_size = args.batch
   info = data.info(config.data)  # builds the dataset on first use
-  trainer = train.Trainer(train.Run(config), info.num_train)
+  trainer = train.Trainer(runtime.Run(config), info.num_train)
   batch_sharding = sharding.batch_sharding(trainer.run.mesh)
 
   rates = {}

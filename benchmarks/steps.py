@@ -1,6 +1,6 @@
 """The train steps the benchmarks time: ours (the training loop's own jitted step) and PyTorch's.
 
-Ours is `train.Trainer(train.Run(config)).jit_train_step()` on synthetic data. PyTorch's is the
+Ours is `train.Trainer(runtime.Run(config)).jit_train_step()` on synthetic data. PyTorch's is the
 same model written as a performance-minded user would: fused qkv,
 F.scaled_dot_product_attention, requires_grad=False on the frozen backbone,
 momentum SGD on the trainable leaves only, optional torch.compile and bf16 autocast.
@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from adaptformer_jax import models  # noqa: E402
 from adaptformer_jax import recipes  # noqa: E402
+from adaptformer_jax import runtime  # noqa: E402
 from adaptformer_jax import sharding  # noqa: E402
 from adaptformer_jax import train  # noqa: E402
 
@@ -36,7 +37,7 @@ def make_trainer(model_cfg, batch, model_parallel=1):
   config.num_train_steps = 10_000
   config.warmup_steps = 0
   config.model_parallel = model_parallel
-  return train.Trainer(train.Run(config))
+  return train.Trainer(runtime.Run(config))
 
 
 def synthetic_batch(batch, image_size=224, seed=0):

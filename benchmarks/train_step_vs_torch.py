@@ -2,7 +2,7 @@
 
 ViT-B/16, 224 px, SGD with momentum, AdaptFormer (official defaults: bottleneck 64,
 scale 0.1, dropout 0.1, parallel to the MLP) with a frozen backbone. Ours is the
-training loop's own jitted step (`train.Run(...).jit_train_step()`); PyTorch's is
+training loop's own jitted step (`train.Trainer(runtime.Run(...)).jit_train_step()`); PyTorch's is
 written as a performance-minded user would: fused qkv, F.scaled_dot_product_attention,
 requires_grad=False on the backbone, momentum SGD on the trainable leaves only, and
 torch.compile when it is faster than eager. The steps alternate, so all see the

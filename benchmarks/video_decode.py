@@ -20,6 +20,7 @@ import numpy as np
 from adaptformer_jax import data
 from adaptformer_jax import models
 from adaptformer_jax import recipes
+from adaptformer_jax import runtime
 from adaptformer_jax import sharding
 from adaptformer_jax import train
 from input_pipeline import images_per_second as clips_per_second  # benchmarks/ is on sys.path
@@ -67,7 +68,7 @@ def main():
                           frame_stride=4))
   config.batch_size = args.batch
   info = data.info(config.data)
-  trainer = train.Trainer(train.Run(config), info.num_train)
+  trainer = train.Trainer(runtime.Run(config), info.num_train)
   batches = data.train_iterator(
       config.data, image_size=args.image_size, global_batch=args.batch,
       sharding=sharding.batch_sharding(trainer.run.mesh), seed=0,

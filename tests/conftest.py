@@ -94,9 +94,9 @@ def tiny_video_cfg(**overrides):
 
 @pytest.fixture
 def ref():
-  """tests/torch_reference.py, the independent PyTorch port (skips without torch)."""
+  """tests/references/torch_reference.py, the independent PyTorch port (skips without torch)."""
   pytest.importorskip('torch')
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  from references import torch_reference  # pylint: disable=g-import-not-at-top
   return torch_reference
 
 

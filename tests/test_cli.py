@@ -13,10 +13,12 @@ import sys
 
 import pytest
 
-from adaptformer_jax import checkpoint
 from adaptformer_jax import data
+from adaptformer_jax import runtime
 from adaptformer_jax import train
 from adaptformer_jax import workdirs
+from adaptformer_jax.weights import checkpoints
+from adaptformer_jax.weights import exports
 from conftest import tiny_run_config
 from conftest import write_image
 
@@ -117,20 +119,20 @@ def inputs(tmp_path_factory, data_dir):
   paths['missing'] = str(root / 'missing')
   paths['one_class'] = str(root / 'one')
   write_image(str(root / 'one' / 'cats' / '0.png'), (9, 9, 9))
-  trainer = train.Trainer(train.Run(config))
+  trainer = train.Trainer(runtime.Run(config))
   workdirs.prepare(config, paths['trained'])
-  ckpt = checkpoint.Checkpointer(paths['trained'])
+  ckpt = checkpoints.Checkpointer(paths['trained'])
   ckpt.save(0, trainer.initial_state())
   ckpt.close()
   other = tiny_run_config(data_dir=data_dir)
   other.model.width = 64
-  ckpt = checkpoint.Checkpointer(paths['other'])
-  ckpt.save(0, train.Trainer(train.Run(other)).initial_state())
+  ckpt = checkpoints.Checkpointer(paths['other'])
+  ckpt.save(0, train.Trainer(runtime.Run(other)).initial_state())
   ckpt.close()
   paths['other_model'] = os.path.join(paths['other'], 'checkpoints', '0')
   os.makedirs(paths['empty'])
   os.makedirs(paths['adapters'])
-  with open(os.path.join(paths['adapters'], checkpoint.ADAPTER_CONFIG), 'w') as f:
+  with open(os.path.join(paths['adapters'], exports.ADAPTER_CONFIG), 'w') as f:
     json.dump({'format': 'adaptformer_jax.adapters/1', 'model': other.model.to_dict()}, f)
   with open(paths['notes'], 'w') as f:
     f.write('not weights\n')

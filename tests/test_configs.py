@@ -15,16 +15,17 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from adaptformer_jax import config_check
 from adaptformer_jax import data
+from adaptformer_jax import runtime
+from adaptformer_jax import schema
 from adaptformer_jax import sharding
 from adaptformer_jax import train
 from adaptformer_jax.data import folder
 from adaptformer_jax.data import moving_digits
-from adaptformer_jax.data import pipeline
+from adaptformer_jax.data import sources
 from adaptformer_jax.errors import ConfigError
-from adaptformer_jax.models import methods
 from adaptformer_jax.models import presets
+from adaptformer_jax.models import tuning
 from conftest import make_image_folder
 from conftest import mock_tfds_metadata
 from conftest import shipped_config
@@ -44,7 +45,8 @@ def test_config_builds_its_model(name):
   config = shipped_config(name, 'adaptformer')
   if config.model.num_classes == 0:  # configs/folder.py: from the data
     config.model.num_classes = 3
-  run = train.Run(config)  # validates the model config and every trainable rule
+  schema.validate(config)
+  run = runtime.Run(config)  # checks every trainable rule
   trainable, total = run.param_counts()
   assert 0 < trainable <= total
 
@@ -52,7 +54,7 @@ def test_config_builds_its_model(name):
 @pytest.mark.parametrize('name', OFFICIAL)
 def test_official_configs_state_the_papers_recipe(name):
   """ViT-B/16, BN + linear head, 224 px, batch 1024, 100 epochs (20 warmup), SGD 0.1 x B/256."""
-  for method in methods.METHODS:
+  for method in tuning.METHODS:
     config = shipped_config(name, method)
     model = config.model
     assert (model.name, model.head, model.image_size, model.tuning) == (
@@ -89,11 +91,12 @@ def test_adapter_scale_is_a_number_or_learnable_from_the_command_line(value, exp
                    ':adaptformer', f'--config.model.adapter.scale={value}')
   assert config.model.adapter.scale == expected
   if expected == 'learn':
-    with pytest.raises(ConfigError, match="model.adapter.scale: 'learn' is neither"):
-      presets.validate(config.model)
+    with pytest.raises(ConfigError, match="model.adapter.scale: must be a number or "
+                       "'learnable', got 'learn'"):
+      schema.validate_model(config.model)
   else:
-    presets.validate(config.model)
-    config_check.validate(config.to_dict())
+    schema.validate_model(config.model)
+    schema.validate(config.to_dict())
 
 
 def _tiny(config, data_dir):
@@ -125,7 +128,7 @@ def test_config_takes_one_train_step(name, tmp_path, data_dir):
   config = shipped_config(name, 'adaptformer')
   embedded = config.data.name.split('/')[0] in EMBEDDED
   config = _tiny(config, data_dir if embedded else str(tmp_path))
-  video_list = config.data.name == pipeline.VIDEO_LIST
+  video_list = config.data.name == sources.VIDEO_LIST
   if video_list:
     _video_list(config, tmp_path)
   elif folder.is_folder(config.data.name):
@@ -138,8 +141,8 @@ def test_config_takes_one_train_step(name, tmp_path, data_dir):
   with contextlib.nullcontext() if embedded or video_list else tfds.testing.mock_data(
       num_examples=16, data_dir=str(tmp_path)):
     info = data.info(config.data)
-    config = data.with_num_classes(config, info)
-    trainer = train.Trainer(train.Run(config), info.num_train)
+    config = runtime.with_num_classes(config, info.num_classes, 'the data has other classes')
+    trainer = train.Trainer(runtime.Run(config), info.num_train)
     batch = next(data.train_iterator(
         config.data, image_size=config.model.image_size, global_batch=config.batch_size,
         sharding=sharding.batch_sharding(trainer.run.mesh), seed=0,

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from adaptformer_jax import data
 from adaptformer_jax.data import folder
-from adaptformer_jax.data import pipeline
+from adaptformer_jax.data import sources
 from adaptformer_jax.errors import UserError
 
 SHARDING = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',)), P('data'))
@@ -140,7 +140,7 @@ def test_resume_on_a_folder_is_bit_exact(mixed):
 
 def test_process_shards_partition_the_split(mixed):
   root, _ = mixed
-  source = pipeline._source(folder_data_cfg(root))
+  source = sources.source(folder_data_cfg(root))
   whole = [p for p, _ in source.records('train').as_numpy_iterator()]
   shards = [[p for p, _ in source.records(s).as_numpy_iterator()]
             for s in tfds.even_splits('train', n=4)]

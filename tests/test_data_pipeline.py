@@ -163,14 +163,6 @@ def test_bad_preprocessing_is_a_config_error(digits_dir):
                         global_batch=8, sharding=SHARDING, seed=0)
 
 
-def test_check_num_classes(digits_dir):
-  info = data.info(_cfg(digits_dir, name='sklearn_digits/classes_0to4'))
-  data.check_num_classes(info, 5)
-  with pytest.raises(UserError, match="model.num_classes=10 but dataset "
-                     "'sklearn_digits/classes_0to4' has 5 classes; set model.num_classes=5"):
-    data.check_num_classes(info, 10)
-
-
 MULTI_DEVICE = textwrap.dedent("""
     import os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'

@@ -1,6 +1,6 @@
 """Multi-clip x multi-crop video evaluation (data.eval_clips x data.eval_crops): the
 official test's views, each video scored on the mean of its views' logits; 1 x 1
-is the single central view it always was; bad settings fail in config_check."""
+is the single central view it always was; bad settings fail in schema."""
 import json
 import textwrap
 
@@ -14,10 +14,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from adaptformer_jax import config_check
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
 from adaptformer_jax import models
+from adaptformer_jax import schema
 from adaptformer_jax import workdirs
 from adaptformer_jax.data import preprocess
 from adaptformer_jax.errors import ConfigError
@@ -157,10 +157,10 @@ def test_spatial_crops_slide_along_the_longer_side(op, shape, corners):
 
 
 def _problems(config, **data_fields):
-  """config_check's problems with `config` (as its config.json) with these data fields."""
+  """the schema's problems with `config` (as its config.json) with these data fields."""
   config = config.to_dict()
   config['data'].update(data_fields)
-  return config_check.problems(config)
+  return schema.problems(config)
 
 
 def test_bad_view_settings_are_one_clear_config_error():
@@ -177,11 +177,11 @@ def test_bad_view_settings_are_one_clear_config_error():
   bad = tiny_run_config()
   bad.data.eval_clips = 0
   with pytest.raises(ConfigError, match='data.eval_clips: must be an integer >= 1, got 0'):
-    config_check.validate(bad)
-  # Configs written before the fields existed still validate (1 x 1).
+    schema.validate(bad)
+  # Every run config has both fields (recipes.base sets them): none may be missing.
   old = tiny_run_config().to_dict()
   del old['data']['eval_clips'], old['data']['eval_crops']
-  assert config_check.problems(old) == []
+  assert schema.problems(old) == ['data.eval_clips: missing', 'data.eval_crops: missing']
 
 
 TWO_DEVICES = textwrap.dedent("""
@@ -224,14 +224,14 @@ def test_views_shard_over_devices_and_pad_as_single_views(video_dir):
 
 
 def test_a_run_resumes_with_other_eval_views(tmp_path, monkeypatch):
-  """Views are an eval setting: a run from before the fields existed (or with other
-  counts) resumes with them changed; a model change still conflicts."""
+  """Views are an eval setting: a run saved with other counts resumes with them
+  changed; a model change still conflicts."""
   config = shipped_config('ssv2', 'adaptformer')
   saved = config.to_dict()
-  del saved['data']['eval_clips'], saved['data']['eval_crops']
+  saved['data'].update(eval_clips=1, eval_crops=1)
   (tmp_path / workdirs.CONFIG_FILE).write_text(json.dumps(saved))
-  monkeypatch.setattr(workdirs.checkpoint, 'latest_step', lambda workdir: 1)
-  workdirs.prepare(config, str(tmp_path))  # 4 x 3 where the saved run had none
+  monkeypatch.setattr(workdirs.checkpoints, 'latest_step', lambda workdir: 1)
+  workdirs.prepare(config, str(tmp_path))  # 4 x 3 where the saved run had 1 x 1
   config.data.eval_clips = 2
   workdirs.prepare(config, str(tmp_path))
   config.model.width = 384

@@ -14,8 +14,8 @@ from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax import pretrained
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.models import tuning
 from conftest import shipped_config
-from adaptformer_jax.models import methods
 
 IMAGES = np.random.RandomState(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, image_size=32,
@@ -26,7 +26,7 @@ TIMM_TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0
 
 @pytest.fixture(name='timm', scope='module')
 def _timm():
-  import timm_reference  # pylint: disable=g-import-not-at-top
+  from references import timm_reference  # pylint: disable=g-import-not-at-top
   timm_reference.import_timm()
   return timm_reference
 
@@ -160,7 +160,7 @@ def test_vpt_deep_with_registers_and_without_class_token(family, timm, tmp_path)
 @pytest.mark.parametrize('quick_gelu', [True, False])
 def test_openclip_state_dict_matches_openclip_forward(quick_gelu, tmp_path):
   """OpenCLIP's own names (`visual.*`, text tower alongside), against its VisionTransformer."""
-  import timm_reference  # pylint: disable=g-import-not-at-top
+  from references import timm_reference  # pylint: disable=g-import-not-at-top
   transformer = timm_reference.import_open_clip_transformer()
   import torch  # pylint: disable=g-import-not-at-top
   act = transformer.QuickGELU if quick_gelu else torch.nn.GELU
@@ -338,7 +338,7 @@ def test_training_checkpoint_loads_params_not_four_leaves(timm, tmp_path, caplog
                                   init_variables=models.build(cfg).init(
                                       jax.random.key(0), IMAGES[:1]))
     assert_close(forward(cfg, variables), timm.logits(ref, IMAGES))
-  backbone = sum(not methods.FRESH_ON_LOAD.fullmatch(k) for k in flax.traverse_util.flatten_dict(
+  backbone = sum(not tuning.FRESH_ON_LOAD.fullmatch(k) for k in flax.traverse_util.flatten_dict(
       variables, sep='/'))
   assert f'{backbone} of {backbone} backbone leaves from the file' in caplog.text
   assert 'keys outside params/' in caplog.text

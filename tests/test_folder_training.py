@@ -11,11 +11,13 @@ import flax.traverse_util
 import numpy as np
 import pytest
 
-from adaptformer_jax import checkpoint
 from adaptformer_jax import class_names
 from adaptformer_jax import jobs
+from adaptformer_jax import runtime
 from adaptformer_jax import train
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.weights import checkpoints
+from adaptformer_jax.weights import exports
 
 NAMES = ['blue', 'green', 'red']
 
@@ -48,10 +50,10 @@ def test_training_on_a_folder_beats_chance_and_records_the_classes(trained):
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['num_classes'] == 3
   assert class_names.read_workdir(workdir) == NAMES
-  with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
+  with checkpoints.Checkpointer(workdir, read_only=True) as ckpt:
     for step in (20, 40):
       assert ckpt.metadata(step)['class_names'] == NAMES
-  assert os.path.getsize(os.path.join(workdir, train.CONFUSION_FILE)) > 0
+  assert os.path.getsize(os.path.join(workdir, runtime.CONFUSION_FILE)) > 0
   assert config.model.num_classes == 0  # the caller's config is left as it was
 
 
@@ -87,7 +89,7 @@ def test_predict_from_workdir_and_from_adapters_agree(trained, tmp_path, capsys)
   root, config, workdir, _ = trained
   adapters = str(tmp_path / 'adapters')
   jobs.export(config, workdir, adapters)
-  assert checkpoint.read_adapter_config(adapters)['class_names'] == NAMES
+  assert exports.read_adapter_config(adapters)['class_names'] == NAMES
   out_a, out_b = str(tmp_path / 'a'), str(tmp_path / 'b')
   paths, from_workdir = jobs.predict_files(config, workdir, [root], out=out_a, top_k=2)
   _, from_adapters = jobs.predict_files(config, None, [root], out=out_b, top_k=2,

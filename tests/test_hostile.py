@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from adaptformer_jax import checkpoint
 from adaptformer_jax import cli as cli_lib
 from adaptformer_jax import evaluate
 from adaptformer_jax import jobs
@@ -38,6 +37,8 @@ from adaptformer_jax import pretrained
 from adaptformer_jax import train
 from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.weights import checkpoints
+from adaptformer_jax.weights import exports
 from conftest import tiny_run_config
 from test_cli import REPO, cli, cli_env, tree_digest, write_config  # noqa: F401 (a fixture)
 
@@ -123,7 +124,7 @@ class Ctx:
   def export_with(self, **model_fields):
     """A copy of the export whose recorded model fields say it was trained with these."""
     dst = self.copy(self.export, 'adapters')
-    path = os.path.join(dst, checkpoint.ADAPTER_CONFIG)
+    path = os.path.join(dst, exports.ADAPTER_CONFIG)
     with open(path) as f:
       saved = json.load(f)
     edit(saved['model'], **model_fields)
@@ -238,7 +239,7 @@ def resume_with_keep_checkpoints_0(ctx):
 @case('config.keep_checkpoints: must be an integer >= 1 (the newest checkpoint is always kept)')
 def checkpointer_keeping_no_step(ctx):
   w = ctx.unchanged(ctx.copy())
-  return api(lambda: checkpoint.Checkpointer(w, max_to_keep=0))
+  return api(lambda: checkpoints.Checkpointer(w, max_to_keep=0))
 
 
 @contextlib.contextmanager
@@ -321,7 +322,7 @@ def _init_from(mutate):
   def run(ctx):
     path = _weights_file(ctx, mutate)
     ctx.creates_new = True  # a workdir holds a run only from its first checkpoint
-    ctx.after = lambda: checkpoint.latest_step(ctx.new) is None
+    ctx.after = lambda: checkpoints.latest_step(ctx.new) is None
     return api(lambda: train.train_and_evaluate(ctx.config(init_from=path), ctx.new))
   return run
 
@@ -356,7 +357,7 @@ def _adapters_eval(ctx, adapters, **changes):
 def _adapter_tensor(mutate):
   def run(ctx):
     dst = ctx.copy(ctx.export, 'adapters')
-    path = os.path.join(dst, checkpoint.ADAPTER_WEIGHTS)
+    path = os.path.join(dst, exports.ADAPTER_WEIGHTS)
     tensors = safetensors.numpy.load_file(path)
     tensors['params/block0/adapter/up/kernel'] = mutate(
         tensors['params/block0/adapter/up/kernel'])
@@ -376,7 +377,7 @@ API_CASES['adapters_int'] = (_adapter_tensor(lambda a: a.astype(np.int64)),
 def _adapter_config(value):
   def run(ctx):
     dst = ctx.copy(ctx.export, 'adapters')
-    write(os.path.join(dst, checkpoint.ADAPTER_CONFIG), value)
+    write(os.path.join(dst, exports.ADAPTER_CONFIG), value)
     return _adapters_eval(ctx, ctx.unchanged(dst))
   return run
 
@@ -433,7 +434,7 @@ def _damaged_latest_step(damage):
     ctx.after = lambda: sorted(os.listdir(os.path.join(w, 'checkpoints'))) == [
         '10.unreadable', '5']
     abstract = train.setup(ctx.config())[1].abstract_state()
-    with checkpoint.Checkpointer(w) as ckpt:
+    with checkpoints.Checkpointer(w) as ckpt:
       outcome = api(lambda: int(ckpt.restore(abstract).step))
     assert outcome.value == 5, outcome
     assert 'Restored checkpoint step 5 instead of the unreadable step 10' in ctx.caplog.text
@@ -472,16 +473,16 @@ def export_out_is_a_file(ctx):
 @case('already holds a different export; pass --overwrite to replace it')
 def export_over_a_different_export(ctx):
   other = ctx.copy(ctx.export, 'other')
-  tensors = safetensors.numpy.load_file(os.path.join(other, checkpoint.ADAPTER_WEIGHTS))
+  tensors = safetensors.numpy.load_file(os.path.join(other, exports.ADAPTER_WEIGHTS))
   tensors = {k: v + 1 for k, v in tensors.items()}
-  safetensors.numpy.save_file(tensors, os.path.join(other, checkpoint.ADAPTER_WEIGHTS))
+  safetensors.numpy.save_file(tensors, os.path.join(other, exports.ADAPTER_WEIGHTS))
   return _export(ctx, ctx.unchanged(other))
 
 
 @case(None)
 def export_over_a_different_export_with_overwrite(ctx):
   other = ctx.copy(ctx.export, 'other')
-  write(os.path.join(other, checkpoint.ADAPTER_WEIGHTS), 'old bytes')
+  write(os.path.join(other, exports.ADAPTER_WEIGHTS), 'old bytes')
   ctx.after = lambda: tree_digest(other) == tree_digest(ctx.export)
   return _export(ctx, other, overwrite=True)
 
@@ -515,7 +516,7 @@ def final_step_is_saved_before_the_final_eval(ctx):
     raise UserError('evaluation failed (simulated)')
   ctx.monkeypatch.setattr(evaluate, 'evaluate', broken)
   ctx.creates_new = True
-  ctx.after = lambda: checkpoint.latest_step(ctx.new) == 2
+  ctx.after = lambda: checkpoints.latest_step(ctx.new) == 2
   return api(lambda: train.train_and_evaluate(
       ctx.config(num_train_steps=2, checkpoint_every_steps=100), ctx.new))
 
@@ -683,7 +684,7 @@ def cli_disk_full_during_checkpoint_save(c):
     w = os.path.join(mnt, 'w')
     shutil.copytree(c.base, w)
     outcome = c.run(f'--workdir={w}', '--config.num_train_steps=20')
-    assert checkpoint.latest_step(w) == 10  # the previous checkpoint survives
+    assert checkpoints.latest_step(w) == 10  # the previous checkpoint survives
     assert 'the last complete checkpoint (step 10) is kept' in outcome.stderr
     return outcome
 

@@ -1,4 +1,5 @@
-"""The package's imports flow one way: no module imports one that (indirectly) imports it."""
+"""The package's layering: imports flow one way (config -> data + model -> step ->
+checkpoints -> eval/export/predict), no module is too big, public functions are typed."""
 import ast
 import pathlib
 
@@ -69,5 +70,85 @@ def test_the_cycle_finder_finds_a_circle():
   assert find_cycle({'a': {'b'}, 'b': set()}) is None
 
 
+def reachable(graph, start):
+  """The modules `start` imports, directly or through others."""
+  seen, todo = set(), [start]
+  while todo:
+    for nxt in graph[todo.pop()] - seen:
+      seen.add(nxt)
+      todo.append(nxt)
+  return seen
+
+
+P = 'adaptformer_jax.'
+
+
 def test_tuning_methods_are_a_leaf():
-  assert import_graph()['adaptformer_jax.models.methods'] <= {'adaptformer_jax.errors'}
+  assert import_graph()[P + 'models.tuning'] <= {P + 'errors'}
+
+
+def test_data_knows_no_model():
+  """The input pipeline imports nothing from models/, the schema, weights or training."""
+  graph = import_graph()
+  for name in [m for m in graph if m.startswith(P + 'data')]:
+    assert reachable(graph, name) <= {P + 'errors', P + 'sharding'} | {
+        m for m in graph if m.startswith(P + 'data')}, name
+
+
+def test_models_know_no_weights_data_or_jobs():
+  graph = import_graph()
+  allowed = {P + 'errors', P + 'schema', P + 'data', P + 'data.views'}
+  for name in [m for m in graph if m.startswith(P + 'models')]:
+    outside = {m for m in reachable(graph, name) if not m.startswith(P + 'models')}
+    assert outside <= allowed, (name, outside - allowed)
+
+
+def test_reading_a_trained_model_never_imports_training():
+  """Eval, export, predict (jobs), the runtime and the weights work without train.py."""
+  graph = import_graph()
+  for name in [P + 'jobs', P + 'runtime', P + 'predict', P + 'evaluate', P + 'weights',
+               P + 'pretrained', P + 'peft', P + 'schema'] + [
+                   m for m in graph if m.startswith(P + 'weights.')]:
+    assert P + 'train' not in reachable(graph, name), name
+
+
+def test_weights_sit_below_the_runtime():
+  graph = import_graph()
+  above = {P + m for m in ('runtime', 'train', 'jobs', 'demo', 'main', 'evaluate', 'predict')}
+  for name in [m for m in graph if m.startswith(P + 'weights')]:
+    assert not reachable(graph, name) & above, name
+
+
+def test_the_layering_tests_see_a_violation():
+  graph = {'a.data.x': {'a.models.y'}, 'a.models.y': set()}
+  assert reachable(graph, 'a.data.x') == {'a.models.y'}
+
+
+def test_no_package_module_is_over_400_lines():
+  sizes = {p.relative_to(PACKAGE).as_posix(): len(p.read_text().splitlines())
+           for p in PACKAGE.rglob('*.py')}
+  assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def _public_functions():
+  """(name, typed) for every public module- and class-level function of the package."""
+  found = []
+  for path in PACKAGE.rglob('*.py'):
+    tree = ast.parse(path.read_text())
+    scopes = [tree.body] + [n.body for n in tree.body if isinstance(n, ast.ClassDef)
+                            and not n.name.startswith('_')]
+    for body in scopes:
+      for node in body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith('_'):
+          continue
+        args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+        args = [a for a in args if a.arg not in ('self', 'cls')]
+        typed = node.returns is not None and all(a.annotation is not None for a in args)
+        found.append((f'{path.relative_to(PACKAGE)}:{node.name}', typed))
+  return found
+
+
+def test_public_functions_are_typed():
+  found = _public_functions()
+  untyped = [name for name, typed in found if not typed]
+  assert len(found) > 100 and len(untyped) <= 0.05 * len(found), untyped

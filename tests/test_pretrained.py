@@ -1,7 +1,7 @@
 """Checkpoint loading: every layout against an independent forward, resampling, and clear errors.
 
 torch layouts are checked against the PyTorch port of the official model
-(tests/torch_reference.py); timm .safetensors and big_vision .npz need no torch
+(tests/references/torch_reference.py); timm .safetensors and big_vision .npz need no torch
 and are checked against a float64 numpy forward written here.
 """
 import argparse
@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from adaptformer_jax import models
 from adaptformer_jax import pretrained
 from adaptformer_jax.errors import UserError
-from adaptformer_jax.models import methods
+from adaptformer_jax.models import tuning
 from conftest import IMAGES
 from conftest import tiny_cfg
 
@@ -213,7 +213,7 @@ def test_backbone_checkpoint_keeps_fresh_peft_leaves(tmp_path):
                                   rng=jax.random.key(3)))
   fresh = flat(fresh)
   assert set(loaded) == set(fresh)
-  peft = [k for k in fresh if methods.FRESH_ON_LOAD.fullmatch(k)]
+  peft = [k for k in fresh if tuning.FRESH_ON_LOAD.fullmatch(k)]
   assert any('adapter' in k for k in peft) and 'params/prompts' in peft
   assert 'batch_stats/head/bn/var' in peft
   for k in peft:
@@ -229,7 +229,7 @@ def test_own_exports_round_trip(tmp_path):
   variables = flat(init(cfg, seed=5))
   save_file({k: np.asarray(v) for k, v in variables.items()}, tmp_path / 'full.safetensors')
   adapters = {k: np.asarray(v) for k, v in variables.items()
-              if methods.FRESH_ON_LOAD.fullmatch(k)}
+              if tuning.FRESH_ON_LOAD.fullmatch(k)}
   save_file(adapters, tmp_path / 'adapters.safetensors')
   manager = ocp.CheckpointManager(tmp_path / 'checkpoints')  # as train.py: <step>/default
   manager.save(12, args=ocp.args.StandardSave(

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from adaptformer_jax import checkpoint
+from adaptformer_jax import runtime
 from adaptformer_jax import train
+from adaptformer_jax.weights import checkpoints
 from conftest import tiny_run_config
 from test_cli import REPO, cli, cli_env, write_config  # noqa: F401 (a fixture)
 
@@ -74,10 +75,10 @@ def reference(tmp_path_factory, data_dir):
 
 
 def final_state(config, workdir):
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
   try:
     assert ckpt.latest_step() == RUN['num_train_steps']
-    return ckpt.restore(train.Trainer(train.Run(config)).abstract_state())
+    return ckpt.restore(train.Trainer(runtime.Run(config)).abstract_state())
   finally:
     ckpt.close()
 
@@ -180,9 +181,9 @@ def test_unfinished_save_is_ignored_and_cleaned_up(reference, tmp_path):
   last = saved_steps(workdir)[-1]
   tmp = os.path.join(workdir, 'checkpoints', f'{last + 5}.orbax-checkpoint-tmp-1234')
   shutil.copytree(os.path.join(workdir, 'checkpoints', str(last)), tmp)
-  assert checkpoint.latest_step(workdir) == last
+  assert checkpoints.latest_step(workdir) == last
   assert os.path.isdir(tmp)  # looking does not delete
-  checkpoint.Checkpointer(workdir).close()  # a training run opening the directory does
+  checkpoints.Checkpointer(workdir).close()  # a training run opening the directory does
   deadline = time.monotonic() + 10
   while os.path.exists(tmp) and time.monotonic() < deadline:  # orbax deletes in a thread
     time.sleep(0.05)
@@ -199,8 +200,8 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
   bad = int(re.search(r'at step (\d+)', str(error.value)).group(1))
   assert saved_steps(workdir)[-1] == bad - 1
   assert f'checkpoint (step {bad - 1}) is kept' in str(error.value)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  state = ckpt.restore(train.Trainer(train.Run(config)).abstract_state())
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  state = ckpt.restore(train.Trainer(runtime.Run(config)).abstract_state())
   ckpt.close()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -214,7 +215,7 @@ def test_nonfinite_skip_counts_skipped_updates_and_finishes(tmp_path, data_dir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     skipped = [r['skipped_nonfinite'] for r in map(json.loads, f) if 'skipped_nonfinite' in r]
   assert 0 < skipped[-1] < 10 and skipped == sorted(skipped)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  state = ckpt.restore(train.Trainer(train.Run(config)).abstract_state())
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  state = ckpt.restore(train.Trainer(runtime.Run(config)).abstract_state())
   ckpt.close()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

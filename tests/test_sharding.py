@@ -96,13 +96,14 @@ def train_losses(model_parallel):
   """Losses of STEPS train steps of the tiny AdaptFormer on one synthetic batch."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from adaptformer_jax import runtime  # pylint: disable=g-import-not-at-top
   from adaptformer_jax import sharding  # pylint: disable=g-import-not-at-top
   from adaptformer_jax import train  # pylint: disable=g-import-not-at-top
   from conftest import tiny_run_config  # pylint: disable=g-import-not-at-top
 
   config = tiny_run_config(batch_size=GLOBAL_BATCH, warmup_steps=0,
                            model_parallel=model_parallel)
-  trainer = train.Trainer(train.Run(config))
+  trainer = train.Trainer(runtime.Run(config))
   run = trainer.run
   state, step = trainer.initial_state(), trainer.jit_train_step()
   batch_sharding = sharding.batch_sharding(run.mesh)

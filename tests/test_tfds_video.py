@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 from adaptformer_jax import data
 from adaptformer_jax import evaluate
+from adaptformer_jax import runtime
 from adaptformer_jax import sharding
 from adaptformer_jax import train
 from adaptformer_jax.errors import UserError
@@ -56,7 +57,7 @@ def test_ucf101_config_trains_a_step_and_evaluates_every_view(tmp_path):
         sharding=sharding.batch_sharding(run.mesh)))
     assert batch['image'].shape == (2, 4, 16, 16, 3)
     state, metrics = trainer.jit_train_step()(trainer.initial_state(), batch)
-    evals = train.eval_dataset(config, run)
+    evals = runtime.eval_dataset(config, run)
     assert next(iter(evals))['views'].shape == (2, 12, 4, 16, 16, 3)  # 4 clips x 3 crops
     result = evaluate.evaluate(run.model, run.variables(state), evals)
   assert int(state.step) == 1 and np.isfinite(float(metrics['loss']))

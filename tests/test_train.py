@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from adaptformer_jax import checkpoint
 from adaptformer_jax import jobs
 from adaptformer_jax import metrics
+from adaptformer_jax import runtime
 from adaptformer_jax import train
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.weights import checkpoints
+from adaptformer_jax.weights import exports
 from conftest import tiny_run_config
 
 
@@ -25,8 +27,8 @@ def trained(tmp_path_factory, data_dir):
 
 
 def restore(config, workdir, step=None):
-  trainer = train.Trainer(train.Run(config))
-  ckpt = checkpoint.Checkpointer(workdir)
+  trainer = train.Trainer(runtime.Run(config))
+  ckpt = checkpoints.Checkpointer(workdir)
   try:
     return ckpt.restore(trainer.abstract_state(), step)
   finally:
@@ -64,7 +66,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_exactly(trained, tmp_path):
 
 def test_frozen_backbone_is_untouched_by_training(trained):
   config, workdir, _ = trained
-  run = train.Run(config)
+  run = runtime.Run(config)
   first = restore(config, workdir, 20).params
   last = restore(config, workdir, 40).params
   flat_mask = flax.traverse_util.flatten_dict(run.mask)
@@ -78,8 +80,8 @@ def test_export_holds_exactly_the_trainable_leaves_and_swaps_in(trained, tmp_pat
   config, workdir, result = trained
   out = str(tmp_path / 'adapters')
   jobs.export(config, workdir, out)
-  tensors = safetensors.numpy.load_file(os.path.join(out, checkpoint.ADAPTER_WEIGHTS))
-  run = train.Run(config)
+  tensors = safetensors.numpy.load_file(os.path.join(out, exports.ADAPTER_WEIGHTS))
+  run = runtime.Run(config)
   trainable = {'params/' + '/'.join(k) for k, m in
                flax.traverse_util.flatten_dict(run.mask).items() if m}
   assert set(tensors) == trainable
@@ -108,9 +110,9 @@ def test_adapters_refuse_another_backbone_and_are_no_backbone_themselves(trained
   with pytest.raises(UserError, match=f'pass --config.seed={config.seed}'):
     jobs.evaluate_workdir(reseeded, str(tmp_path / 'eval'), adapters=out)
   from_export = tiny_run_config(data_dir=config.data.data_dir,
-                                init_from=os.path.join(out, checkpoint.ADAPTER_WEIGHTS))
+                                init_from=os.path.join(out, exports.ADAPTER_WEIGHTS))
   with pytest.raises(UserError, match='holds no backbone, only adapters and a head'):
-    train.init_variables(from_export, train.Run(from_export).model, jax.random.key(0))
+    runtime.init_variables(from_export, runtime.Run(from_export).model, jax.random.key(0))
 
 
 def test_a_run_scheduled_in_epochs_is_evaluated_exported_and_loaded(tmp_path, data_dir):
@@ -121,7 +123,7 @@ def test_a_run_scheduled_in_epochs_is_evaluated_exported_and_loaded(tmp_path, da
   config.data.train_split = 'train[:160]'  # 5 steps
   workdir = str(tmp_path / 'run')
   result = train.train_and_evaluate(config, workdir)
-  assert checkpoint.latest_step(workdir) == 5
+  assert checkpoints.latest_step(workdir) == 5
   assert jobs.evaluate_workdir(config, workdir) == result
   jobs.export(config, workdir, str(tmp_path / 'export'))
   _, variables = jobs.load_variables(config, workdir)
@@ -136,7 +138,7 @@ def test_resuming_past_the_configured_steps_is_refused(trained, tmp_path):
   shorter = tiny_run_config(data_dir=config.data.data_dir, num_train_steps=20)
   with pytest.raises(UserError, match='already holds step 40, past the 20 steps'):
     train.train_and_evaluate(shorter, copy)
-  assert checkpoint.latest_step(copy) == 40
+  assert checkpoints.latest_step(copy) == 40
 
 
 def test_conflicting_config_on_resume_is_refused(trained):
@@ -172,7 +174,7 @@ def test_gradient_accumulation_matches_the_large_batch(data_dir):
   for accum in (1, 2):
     config = tiny_run_config(data_dir=data_dir, accum_steps=accum)
     config.model.adapter.dropout = 0.0
-    trainer = train.Trainer(train.Run(config))
+    trainer = train.Trainer(runtime.Run(config))
     state = trainer.initial_state()
     step = trainer.jit_train_step()
     images = jax.random.normal(jax.random.key(0), (32, 16, 16, 3))
@@ -191,7 +193,7 @@ def test_frozen_bfloat16_state_keeps_trainable_leaves_and_optimizer_in_float32()
   config = tiny_run_config()
   config.model.frozen_dtype = 'bfloat16'
   config.warmup_steps = 0
-  trainer = train.Trainer(train.Run(config))
+  trainer = train.Trainer(runtime.Run(config))
   state = trainer.initial_state()
   # What a restore builds matches what training holds.
   assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype,

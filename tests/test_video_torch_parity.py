@@ -10,6 +10,7 @@ import pytest
 
 from adaptformer_jax import models
 from adaptformer_jax import pretrained
+from adaptformer_jax.errors import UserError
 from conftest import tiny_video_cfg
 
 CLIPS = np.random.RandomState(0).standard_normal((2, 4, 32, 32, 3)).astype(np.float32)
@@ -27,7 +28,7 @@ CASES = {
 @pytest.fixture(name='ref')
 def _ref():
   pytest.importorskip('torch')
-  import torch_video_reference  # pylint: disable=g-import-not-at-top
+  from references import torch_video_reference  # pylint: disable=g-import-not-at-top
   return torch_video_reference
 
 
@@ -138,6 +139,6 @@ def test_video_checkpoint_into_the_wrong_model_is_one_clear_error(model, message
     cfg = tiny_cfg(**model)
   else:
     cfg = tiny_video_cfg(**model)
-  with pytest.raises(pretrained.UserError, match=message) as e:
+  with pytest.raises(UserError, match=message) as e:
     pretrained.load(path, cfg)
   assert '\n' not in str(e.value)

@@ -7,9 +7,9 @@ absent (e.g. an accelerator image without it).
 """
 import importlib
 
-_NAMES = {'check_num_classes': 'pipeline', 'DatasetInfo': 'pipeline',
+_NAMES = {'DatasetInfo': 'pipeline',
           'eval_iterator': 'pipeline', 'image_batches': 'pipeline', 'info': 'pipeline',
-          'train_iterator': 'pipeline', 'with_num_classes': 'pipeline',
+          'train_iterator': 'pipeline',
           'list_images': 'folder'}
 
 

@@ -65,7 +65,8 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         yield int(i), {'image': images[i], 'label': int(targets[i]) - first}
 
 
-def digits_split(split: str, test_size: float = 0.2):
+def digits_split(split: str,
+                 test_size: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(uint8 (1797, 8, 8, 1) images in 0..255, their digits, sorted indices of `split`).
 
   One stratified split of all digits, so that the 80/20 configs' train and test

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from adaptformer_jax.config_check import CROP_OPS  # the ops that take `crop=(j, n)`
-from adaptformer_jax.config_check import check_views
+from adaptformer_jax.data.views import check_views
+from adaptformer_jax.data.views import CROP_OPS  # the ops that take `crop=(j, n)`
 from adaptformer_jax.errors import ConfigError
 
 NORMALIZE = {

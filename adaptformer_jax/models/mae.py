@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.models import vit
 
 
@@ -36,19 +35,6 @@ def patchify(images: jax.Array, p: int) -> jax.Array:
   b, h, w, c = images.shape
   x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for a `model.mae` section MAE cannot train."""
-  m = cfg.mae
-  if not 0 < m.mask_ratio < 1:
-    raise ConfigError(f'model.mae.mask_ratio: must be in (0, 1), got {m.mask_ratio}.')
-  if m.decoder_width % m.decoder_heads:
-    raise ConfigError(f'model.mae.decoder_heads: {m.decoder_heads} does not divide '
-                      f'model.mae.decoder_width {m.decoder_width}.')
-  if (cfg.patch_embed, cfg.tuning) != ('2d', 'full') or not cfg.class_token:
-    raise ConfigError("model.mae: pre-trains an image ViT with a class token, "
-                      "patch_embed='2d' and tuning='full'.")
 
 
 class MaskedAutoencoder(nn.Module):

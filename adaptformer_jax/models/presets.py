@@ -1,4 +1,4 @@
-"""The preset table, `preset(name, **overrides)` and `build(model_cfg)`.
+"""The preset table, each preset's default model config and the module it builds.
 
 A model is described entirely by a ConfigDict, so the same dict drives building,
 checkpoint loading, the trainable mask and the workdir's saved config.
@@ -11,7 +11,6 @@ import ml_collections
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.errors import did_you_mean
 from adaptformer_jax.models import mae
-from adaptformer_jax.models import methods
 from adaptformer_jax.models import vit
 
 # name: (patch, width, depth, heads, mlp_dim) -- ViT (Dosovitskiy et al.) and
@@ -74,44 +73,25 @@ def family(name: str) -> str | None:
   return found if found in FAMILIES else None
 
 
-CHOICES = {
-    # cls: final norm, class token; gap: mean of the patch tokens, then fc_norm (MAE);
-    # gap_prenorm: final norm, then the mean (big_vision, timm fc_norm=False);
-    # map: final norm, then an attention-pooling head (big_vision MAPHead, SigLIP).
-    'pool': ('cls', 'gap', 'gap_prenorm', 'map'),
-    'gelu': ('exact', 'tanh', 'quick'),  # erf (torch); tanh approximation (flax); x*sigmoid(1.702x)
-    # How a checkpoint's position embedding is resized to the model's grid, as the
-    # family's own loader does: bicubic, antialiased (timm); bilinear with aligned
-    # corners, as scipy.ndimage.zoom(order=1) (big_vision).
-    'posemb_resample': ('bilinear', 'bicubic'),
-    'patch_embed': ('2d', 'tubelet'),
-    'posemb': ('learned', 'sincos'),
-    'qkv_bias': ('qkv', 'qv', 'none'),
-    'head': ('linear', 'bn_linear'),
-    'adapter.layernorm': ('none', 'in', 'out'),
-    'adapter.placement': ('parallel', 'sequential'),
-    'adapter.init': ('lora', 'trunc_normal'),
-    'dtype': ('float32', 'bfloat16'),
-    'frozen_dtype': ('float32', 'bfloat16'),
-    'attention': ('auto', 'xla', 'cudnn'),
-}
+def unknown_preset(name: str) -> str | None:
+  """What is wrong with preset name `name`, with suggestions; None for a known one."""
+  if name in PRESETS:
+    return None
+  return (f'model.name: unknown preset {name!r}{did_you_mean(name, PRESETS)}; '
+          f"allowed: {', '.join(PRESETS)}")
 
-def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """A model ConfigDict for preset `name`, with top-level or nested overrides.
 
-  Nested sections take dicts: `preset('vit_b16', adapter=dict(bottleneck=16))`.
-  Video presets (`videomae_*`) take clips (T, H, W, 3): see `input_shape`.
-  """
-  if name not in PRESETS:
-    raise ConfigError(
-        f'model.name: unknown preset {name!r}{did_you_mean(name, PRESETS)}; '
-        f"allowed: {', '.join(PRESETS)}.")
+def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """The model ConfigDict of preset `name` with top-level or nested overrides, not yet
+  validated (`models.preset` validates it)."""
+  if unknown_preset(name):
+    raise ConfigError(unknown_preset(name) + '.')
   patch, width, depth, heads, mlp_dim = PRESETS[name]
   cfg = ml_collections.ConfigDict(dict(
       name=name, patch_size=patch, width=width, depth=depth, num_heads=heads,
       mlp_dim=mlp_dim, image_size=224, num_classes=1000, pool='cls',
       head='linear', head_init_std=0.01, tuning='adaptformer',
-      # Architecture options of other checkpoint families (FAMILIES, CHOICES).
+      # Architecture options of other checkpoint families (FAMILIES; values: schema.MODEL).
       gelu='exact', num_registers=0, ln_pre=False,
       pre_logits=0,  # 0: none, else the width of a tanh dense layer
       norm_eps=1e-6, posemb_resample='bicubic',
@@ -142,13 +122,10 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       # GPUs, bf16) or 'auto' (cuDNN where it is known to apply, XLA elsewhere;
       # vit.attention_implementation; odd token counts carry a pad, vit.pad_tokens).
       attention='auto',
-      # 'none' | 'block' | 'dots' or False | True, see vit.REMAT; untyped, so both
-      # `--config.model.remat=dots` and `=True` parse.
-      remat=ml_collections.FieldReference(False, field_type=object),
+      remat='none',  # 'none' | 'block' | 'dots': what each block keeps, see vit.REMAT
   ))
   _override(cfg, FAMILIES.get(family(name), {}))
   _override(cfg, overrides)
-  validate(cfg)
   return cfg
 
 
@@ -177,64 +154,6 @@ def _assign(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
     cfg[key] = value
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the field and its allowed values."""
-  if cfg.name not in PRESETS:
-    preset(cfg.name)  # raises the unknown-preset error
-  for field, allowed in CHOICES.items():
-    value = cfg
-    for part in field.split('.'):
-      value = value[part]
-    if value not in allowed:
-      raise ConfigError(f'model.{field}: {value!r} is not one of '
-                        f"{', '.join(map(repr, allowed))}.")
-  if cfg.pool == 'cls' and not cfg.class_token:
-    raise ConfigError("model.pool: 'cls' needs model.class_token=True; without a class "
-                      "token pool with 'gap', 'gap_prenorm' or 'map'.")
-  for field in ('num_registers', 'pre_logits'):
-    if cfg[field] < 0:
-      raise ConfigError(f'model.{field}: must be >= 0, got {cfg[field]}.')
-  if cfg.layerscale is not None and cfg.layerscale <= 0:
-    raise ConfigError(f'model.layerscale: must be None (off) or > 0, got {cfg.layerscale}.')
-  if not (isinstance(cfg.remat, (bool, str)) and cfg.remat in vit.REMAT):
-    raise ConfigError(f'model.remat: {cfg.remat!r} is not one of '
-                      f"{', '.join(map(repr, vit.REMAT))}.")
-  if cfg.image_size <= 0 or cfg.image_size % cfg.patch_size:
-    raise ConfigError(
-        f'model.image_size: {cfg.image_size} is not a positive multiple of the '
-        f'patch size {cfg.patch_size}; use e.g. '
-        f'{max(1, round(cfg.image_size / cfg.patch_size)) * cfg.patch_size}.')
-  if cfg.num_frames <= 0 or cfg.tubelet <= 0 or cfg.num_frames % cfg.tubelet:
-    raise ConfigError(
-        f'model.num_frames: {cfg.num_frames} is not a positive multiple of '
-        f'model.tubelet {cfg.tubelet}.')
-  if cfg.patch_embed == '2d' and (cfg.num_frames, cfg.tubelet) != (1, 1):
-    raise ConfigError("model.num_frames/tubelet: only a 'tubelet' patch embedding "
-                      "takes clips; set model.patch_embed='tubelet' or both to 1.")
-  if cfg.width % cfg.num_heads:
-    raise ConfigError(f'model.num_heads: {cfg.num_heads} does not divide '
-                      f'model.width {cfg.width}.')
-  if cfg.num_classes <= 0:
-    raise ConfigError(f'model.num_classes: must be > 0, got {cfg.num_classes}.')
-  if cfg.adapter.bottleneck <= 0:
-    raise ConfigError(f'model.adapter.bottleneck: must be > 0, got '
-                      f'{cfg.adapter.bottleneck}.')
-  scale = cfg.adapter.scale
-  if not (scale == 'learnable' or isinstance(scale, (int, float))):
-    raise ConfigError(f"model.adapter.scale: {scale!r} is neither a number nor "
-                      "'learnable'.")
-  if not 0 <= cfg.adapter.dropout < 1:
-    raise ConfigError(f'model.adapter.dropout: must be in [0, 1), got '
-                      f'{cfg.adapter.dropout}.')
-  if cfg.vpt.num_tokens <= 0:
-    raise ConfigError(f'model.vpt.num_tokens: must be > 0, got {cfg.vpt.num_tokens}.')
-  if cfg.lora.rank <= 0:
-    raise ConfigError(f'model.lora.rank: must be > 0, got {cfg.lora.rank}.')
-  if cfg.get('mae') is not None:
-    mae.validate(cfg)
-  methods.parse(cfg.tuning)
-
-
 def input_shape(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   """One example's shape: (H, W, 3) for images, (T, H, W, 3) for video clips."""
   image = (model_cfg.image_size, model_cfg.image_size, 3)
@@ -248,10 +167,12 @@ def token_grid(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
       model_cfg.num_frames // model_cfg.tubelet, side, side)
 
 
-def build(model_cfg: ml_collections.ConfigDict) -> nn.Module:
-  """The Flax module for a model ConfigDict (validated first): the ViT classifier, or
-  with a `mae` section its masked-autoencoder pre-training (models.mae)."""
-  validate(model_cfg)
+def module(model_cfg: ml_collections.ConfigDict) -> nn.Module:
+  """The Flax module for a validated model ConfigDict (a job validates its config once):
+  the ViT classifier, or with a `mae` section its masked-autoencoder pre-training."""
+  if model_cfg.num_classes <= 0:
+    raise ConfigError(f'model.num_classes: must be > 0 to build the model, got '
+                      f'{model_cfg.num_classes} (0 takes the count from the data first).')
   frozen = ml_collections.FrozenConfigDict(model_cfg)
   if model_cfg.get('mae') is not None:
     return mae.MaskedAutoencoder(cfg=frozen)

@@ -7,6 +7,7 @@ other checkpoint families (GELU form, pooling, class token, registers, LayerScal
 pre-norm, qkv biases, pre-logits) are config fields, one ViT for all of them.
 """
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,8 +16,8 @@ import ml_collections
 import numpy as np
 
 from adaptformer_jax.errors import ConfigError
-from adaptformer_jax.models import methods
-from adaptformer_jax.models import peft_layers
+from adaptformer_jax.models import layers
+from adaptformer_jax.models import tuning
 
 # model.gelu: torch.nn.GELU() is the exact erf form, flax's default (big_vision) the
 # tanh approximation, OpenAI CLIP's QuickGELU a sigmoid approximation. 'exact' is
@@ -33,8 +34,7 @@ dense_init = nn.initializers.xavier_uniform()
 # input (the block runs twice); 'dots' the matmul outputs, recomputing the LayerNorms,
 # softmax and GELU -- what adapter tuning wants: frozen matmuls need no saved inputs,
 # so it drops the large elementwise intermediates for little compute (RESULTS.md).
-# False and True are the older spellings of 'none' and 'block'.
-REMAT = {False: 'none', True: 'block', 'none': 'none', 'block': 'block', 'dots': 'dots'}
+REMAT = ('none', 'block', 'dots')
 # What nn.remat may save under each policy (None: nothing but the block's input).
 REMAT_POLICIES = {
     'block': None,
@@ -42,15 +42,16 @@ REMAT_POLICIES = {
 }
 
 
-def attention_implementation(choice: str, dtype, head_dim: int, lengths=(), device=None) -> str:
+def attention_implementation(choice: str, dtype: Any, head_dim: int, lengths: tuple[int, ...] = (),
+                             device: Any = None) -> str:
   """model.attention -> jax.nn.dot_product_attention's implementation ('xla' | 'cudnn').
 
   'auto' takes cuDNN's fused (flash) kernel where it is known to apply -- an
   NVIDIA GPU, bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128,
   even query and key lengths (`lengths`) -- and XLA's unfused attention
-  everywhere else (CPU, TPU, f32). The even lengths: jax 0.11.2 on an H100
-  refused to differentiate cuDNN attention over ViT-B/16's 197 tokens
-  ("Unsupported sequence length Q 197, KV 197") though it ran it forward; the
+  everywhere else (CPU, TPU, f32). The even lengths: jax (0.11.2) runs cuDNN
+  attention forward over an odd token count but refuses to differentiate it
+  ("Unsupported sequence length Q 197, KV 197" for ViT-B/16's 197 tokens); the
   ViT's blocks therefore carry one masked pad token where that makes the count
   even (`pad_tokens`), and an explicit 'cudnn' pads any other odd lengths per
   call (`padded_attention`).
@@ -68,12 +69,12 @@ def attention_implementation(choice: str, dtype, head_dim: int, lengths=(), devi
   return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable and even) else 'xla'
 
 
-def pad_tokens(cfg: ml_collections.FrozenConfigDict, dtype, tokens: int, device=None) -> int:
+def pad_tokens(cfg: ml_collections.FrozenConfigDict, dtype: Any, tokens: int,
+               device: Any = None) -> int:
   """Pad tokens (0 or 1) the blocks carry so that their self-attention over `tokens`
   real ones can run on cuDNN: one where the count is odd and cuDNN would take the
   even count. Padding the whole stack once costs one token of every layer's work;
-  copying q, k and v to a padded length in every layer cost ~0.7 ms of a 34 ms H100
-  step (RESULTS.md)."""
+  copying q, k and v to a padded length in every layer costs more (RESULTS.md)."""
   if tokens % 2 == 0:
     return 0
   padded = (tokens + 1, tokens + 1)
@@ -141,7 +142,7 @@ class Attention(nn.Module):
       q = q + self.param('q_bias', nn.initializers.zeros, (d,)).astype(q.dtype)
       v = v + self.param('v_bias', nn.initializers.zeros, (d,)).astype(v.dtype)
     if self.lora:
-      lora = functools.partial(peft_layers.LoRA, d, self.cfg.lora.rank,
+      lora = functools.partial(layers.LoRA, d, self.cfg.lora.rank,
                                self.cfg.lora.alpha, self.dtype)
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
@@ -202,7 +203,7 @@ class Block(nn.Module):
     adapter = None
     if self.adapter:
       a = self.cfg.adapter
-      adapter = peft_layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
+      adapter = layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
                                      self.dtype, a.init, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
@@ -258,8 +259,8 @@ class Head(nn.Module):
 
 class PatchEmbedding(nn.Module):
   """nn.Conv with kernel = stride and VALID padding (same parameters, same outputs),
-  computed as one matmul over flattened patches: cuDNN ran ViT-B/16's convolution
-  as five kernels in 0.92 ms of a 34 ms H100 step, for a matmul's worth of FLOPs."""
+  computed as one matmul over flattened patches: cuDNN runs such a convolution as
+  several kernels, far slower than one matmul of the same FLOPs (RESULTS.md)."""
   width: int
   patch: tuple[int, ...]
   dtype: jnp.dtype
@@ -306,7 +307,7 @@ def sinusoid_table(num_tokens: int, width: int) -> np.ndarray:
 
 class VisionTransformer(nn.Module):
   """ViT classifier for images (B, H, W, 3) or, with a tubelet patch embedding,
-  videos (B, T, H, W, 3); `cfg` is a model ConfigDict from `presets.preset`.
+  videos (B, T, H, W, 3); `cfg` is a model ConfigDict from `models.preset`.
 
   The tuning method is parsed here, once; the blocks get plain booleans. Token
   order: [VPT prompts] [class token] [registers] patches; the position embedding
@@ -318,7 +319,7 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
-    tuning = methods.parse(cfg.tuning)
+    methods = tuning.parse(cfg.tuning)
     x = embed_patches(cfg, dtype, images)
     b = x.shape[0]
     tokens = lambda t: jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(x.dtype)
@@ -339,23 +340,22 @@ class VisionTransformer(nn.Module):
     if cfg.ln_pre:
       x = layer_norm(cfg, dtype, 'norm_pre')(x)
 
-    vpt = tuning.vpt
+    vpt = methods.vpt
     n_prompt = cfg.vpt.num_tokens
     if vpt:
-      prompts = self.param('prompts', peft_layers.prompt_init,
+      prompts = self.param('prompts', layers.prompt_init,
                            (cfg.depth if vpt == 'deep' else 1, n_prompt, cfg.width))
       add_prompts = lambda x, i: jnp.concatenate([tokens(prompts[i:i + 1]), x], 1)
 
     pad = pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # at the end: prompts go in front
-    remat = REMAT[cfg.remat]
-    block = Block if remat == 'none' else nn.remat(
-        Block, static_argnums=(2,), policy=REMAT_POLICIES[remat])
+    block = Block if cfg.remat == 'none' else nn.remat(
+        Block, static_argnums=(2,), policy=REMAT_POLICIES[cfg.remat])
     for i in range(cfg.depth):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
         x = add_prompts(x, i if vpt == 'deep' else 0)
-      x = block(cfg, dtype, tuning.adaptformer, tuning.lora, pad, name=f'block{i}')(x, train)
+      x = block(cfg, dtype, methods.adaptformer, methods.lora, pad, name=f'block{i}')(x, train)
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
     x = x[:, :x.shape[1] - pad]

@@ -1,4 +1,7 @@
-"""Trainable masks from regex rules, and the optimizer that freezes the rest."""
+"""models/tuning: the table of tuning methods, the parsed `model.tuning`, the trainable
+mask and freezing."""
+import re
+
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,69 @@ import pytest
 
 from adaptformer_jax import models
 from adaptformer_jax import peft
+from adaptformer_jax.errors import ConfigError
+from adaptformer_jax.models import tuning
 from conftest import tiny_cfg
+
+
+def test_parse_gives_the_layers_each_combination_builds():
+  t = tuning.parse(' adaptformer + vpt_deep ')
+  assert t.methods == ('adaptformer', 'vpt_deep')
+  assert (t.adaptformer, t.lora, t.vpt) == (True, False, 'deep')
+  assert tuning.parse('lora').vpt is None and tuning.parse('vpt_shallow').vpt == 'shallow'
+
+
+def test_trainable_rules_are_the_union_in_order():
+  assert tuning.parse('adaptformer+lora').trainable == (
+      'head/.*', r'block\d+/adapter/.*', r'block\d+/attn/lora_.*')
+  assert tuning.parse('full+linear').trainable == ('.*', 'head/.*')
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('vpt_shallow+vpt_deep', "choose one of 'vpt_shallow' and 'vpt_deep'"),
+    ('adaptformer+lorra', "unknown method 'lorra' \\(did you mean 'lora'\\?\\)"),
+])
+def test_bad_combinations_are_config_errors(spec, message):
+  with pytest.raises(ConfigError, match=message):
+    tuning.parse(spec)
+
+
+def _variable_paths(spec):
+  cfg = tiny_cfg(tuning=spec, head='bn_linear')
+  variables = jax.eval_shape(models.build(cfg).init, jax.random.key(0),
+                             jnp.zeros((1, 32, 32, 3)))
+  return set(flax.traverse_util.flatten_dict(variables, sep='/'))
+
+
+def test_fresh_on_load_is_exactly_what_the_methods_add_and_the_head():
+  """A backbone checkpoint lacks these leaves; every other leaf must come from it."""
+  paths = _variable_paths('adaptformer+vpt_deep+lora')
+  added = paths - _variable_paths('full')
+  head = {p for p in paths if p.split('/')[1] == 'head'}
+  assert added and head
+  assert {p for p in paths if tuning.FRESH_ON_LOAD.fullmatch(p)} == added | head
+
+
+def test_every_load_hint_matches_a_parameter_its_method_adds():
+  added = _variable_paths('adaptformer+vpt_deep+lora') - _variable_paths('full')
+  assert tuning.LOAD_HINTS
+  for pattern, hint in tuning.LOAD_HINTS:
+    assert any(re.fullmatch(pattern, p) for p in added), hint
+
+
+def test_fresh_labels_name_every_leaf_that_starts_fresh():
+  """The load log line names each fresh leaf by what it is, never 'not in the checkpoint'."""
+  paths = _variable_paths('adaptformer+vpt_deep+lora')
+  fresh = {p for p in paths if tuning.FRESH_ON_LOAD.fullmatch(p)}
+  labelled = {p: [label for pattern, label in tuning.FRESH_LABELS if re.fullmatch(pattern, p)]
+              for p in fresh}
+  assert all(len(labels) == 1 for labels in labelled.values()), labelled
+  assert {labels[0] for labels in labelled.values()} == {'adapter', 'VPT prompts', 'LoRA',
+                                                         'head'}
+
+
+def test_peft_is_the_documented_entry_point_of_the_masks():
+  assert peft.trainable_mask is tuning.trainable_mask and peft.freeze is tuning.freeze
 
 
 def init(cfg):
@@ -20,7 +85,7 @@ def init(cfg):
 def trained_paths(cfg):
   _, variables, _ = init(cfg)
   flat = flax.traverse_util.flatten_dict(
-      peft.trainable_mask(variables['params'], cfg), sep='/')
+      tuning.trainable_mask(variables['params'], cfg), sep='/')
   return {k for k, v in flat.items() if v}
 
 
@@ -59,22 +124,22 @@ def test_frozen_leaves_stay_bit_identical_and_trainable_leaves_move():
   model, variables, images = init(cfg)
   labels = jnp.arange(8) % 5
   params = variables['params']
-  mask = peft.trainable_mask(params, cfg)
-  tx = peft.freeze(optax.sgd(0.5, momentum=0.9), mask)
+  mask = tuning.trainable_mask(params, cfg)
+  tx = tuning.freeze(optax.sgd(0.5, momentum=0.9), mask)
   opt_state = tx.init(params)
   # Frozen parameters cost no optimizer state.
-  assert peft.count(opt_state) == peft.count(params, mask)
+  assert tuning.count(opt_state) == tuning.count(params, mask)
 
   @jax.jit
   def step(params, batch_stats, opt_state, rng):
     def loss_fn(p):
       logits, new_state = model.apply(
-          {'params': peft.stop_frozen_gradients(p, mask), 'batch_stats': batch_stats},
+          {'params': tuning.stop_frozen_gradients(p, mask), 'batch_stats': batch_stats},
           images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new_state
     grads, new_state = jax.grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return peft.apply_updates(params, updates, mask), new_state['batch_stats'], opt_state
+    return tuning.apply_updates(params, updates, mask), new_state['batch_stats'], opt_state
 
   new, batch_stats = params, variables['batch_stats']
   for i in range(4):
@@ -99,11 +164,11 @@ def test_frozen_parameters_get_no_weight_gradient_work():
 
   def grads(mask):
     def loss(p):
-      return model.apply({'params': peft.stop_frozen_gradients(p, mask)}, images).sum()
+      return model.apply({'params': tuning.stop_frozen_gradients(p, mask)}, images).sum()
     return jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()['flops']
 
   all_train = jax.tree.map(lambda _: True, params)
-  adapter_flops = grads(peft.trainable_mask(params, cfg))
+  adapter_flops = grads(tuning.trainable_mask(params, cfg))
   full_flops = grads(all_train)
   assert adapter_flops < 0.8 * full_flops
 
@@ -113,8 +178,8 @@ def test_frozen_weights_stored_in_bfloat16_halve_and_keep_the_logits(dtype):
   cfg = tiny_cfg(dtype=dtype)
   model, variables, images = init(cfg)
   params = variables['params']
-  mask = peft.trainable_mask(params, cfg)
-  stored = peft.store_frozen(params, mask, 'bfloat16')
+  mask = tuning.trainable_mask(params, cfg)
+  stored = tuning.store_frozen(params, mask, 'bfloat16')
   flat, flat_stored = (flax.traverse_util.flatten_dict(p, sep='/') for p in (params, stored))
   for path, trains in flax.traverse_util.flatten_dict(mask, sep='/').items():
     if trains:

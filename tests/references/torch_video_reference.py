@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import torch_reference
+from references import torch_reference
 
 
 def get_sinusoid_encoding_table(n_position, d_hid):
