@@ -38,7 +38,7 @@ RUN = dict(num_train_steps=70, log_every_steps=5, checkpoint_every_steps=5,
 FAULTY_CLI = f"""
 import json, os, signal, time
 from adaptformer_jax import data, main
-import {checkpoint.__name__} as checkpoint
+import {checkpoints.__name__} as checkpoints
 
 fault = json.loads(os.environ['FAULT'])
 sig = getattr(signal, fault['signal'])
@@ -53,13 +53,13 @@ if fault['at'] == 'step':
       yield batch
   data.train_iterator = faulty_train_iterator
 else:
-  seal = checkpoint.Checkpointer._seal
+  seal = checkpoints.Checkpointer._seal
   def faulty_seal(self):
     if self._saving == fault['step']:
       os.kill(os.getpid(), sig)
       time.sleep(60)
     seal(self)
-  checkpoint.Checkpointer._seal = faulty_seal
+  checkpoints.Checkpointer._seal = faulty_seal
 main.run()
 """
 
