@@ -40,7 +40,8 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
       `.safetensors` (timm, or this project's '/'-keyed export), a big_vision
       `.npz` (a bare model or a training checkpoint), or an orbax checkpoint
       directory holding 'params' (and 'batch_stats').
-    model_cfg: the model ConfigDict; the result matches its `init` tree exactly.
+    model_cfg: a valid model ConfigDict (as `models.preset` gives; a job validates its
+      config once, before it loads); the result matches its `init` tree exactly.
     init_variables: values for the leaves the checkpoint lacks (adapters, LoRA,
       prompts, head). An export of this project that holds no backbone leaf at
       all (an adapter export) takes the whole backbone from here.
