@@ -52,20 +52,25 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:  # an override of a field the config lacks
     if verbose:
       raise
-    # ml_collections nests its "'name'\nDid you mean ...?" text in the exception's args.
-    text = e
-    while isinstance(text, BaseException) and text.args:
-      text = text.args[0]
-    field, _, hint = str(text).partition('\n')
-    hint = f' ({hint.strip()})' if hint.strip() else ''
-    fail(f'unknown config field {field} in a --config.* override{hint}; see the config '
-         'file for the fields it has.')
+    unknown_field(e)
   except (flags.Error, UserError) as e:
     if verbose:
       raise
     # config_flags re-raises get_config's errors with a traceback in the text; the
     # original exception stays chained below it.
     fail(_innermost_user_error(e) or str(e).strip().splitlines()[0])
+
+
+def unknown_field(error: AttributeError | KeyError) -> NoReturn:
+  """Fails with one line for a --config.* override of a field the config lacks."""
+  # ml_collections nests its "'name'\nDid you mean ...?" text in the exception's args.
+  text = error
+  while isinstance(text, BaseException) and text.args:
+    text = text.args[0]
+  field, _, hint = str(text).partition('\n')
+  hint = f' ({hint.strip()})' if hint.strip() else ''
+  fail(f'unknown config field {field} in a --config.* override{hint}; see the config '
+       'file for the fields it has.')
 
 
 def loaded_config(flag: flags.FlagHolder) -> ml_collections.ConfigDict | None:

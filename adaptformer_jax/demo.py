@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -110,8 +111,14 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   # Defined here, not on import, so that tests can import this module beside `main`.
-  CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
-                                           'The experiment config.')
+  # A default config file is loaded, overrides included, as the flag is defined.
+  try:
+    CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
+                                             'The experiment config.')
+  except (AttributeError, KeyError) as e:
+    if '--verbose' in sys.argv:
+      raise
+    cli.unknown_field(e)
   WORKDIR = flags.DEFINE_string('workdir', 'runs/demo',
                                 'Directory for the runs and summary.json (sweep.json).')
   SWEEP = flags.DEFINE_bool('sweep', False, "Pick each method's learning rate on a "

@@ -1,6 +1,9 @@
 """The offline transfer experiment behind `make demo` (adaptformer_jax.demo), at a few steps."""
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -71,3 +74,15 @@ def test_each_run_gets_its_method_learning_rate_and_seed():
       'vpt_deep', config.methods.vpt_deep, 2)
   assert not {'methods', 'seeds', 'sweep'} & set(cfg.keys())
   assert demo.method_config(config, 'full', seed=0, base_lr=0.3).optimizer.base_lr == 0.3
+
+
+def test_an_unknown_override_of_the_default_config_is_one_error_line():
+  """The default config file loads as its flag is defined: a bad override is caught there."""
+  result = subprocess.run([sys.executable, '-m', 'adaptformer_jax.demo', '--config.seedz=1'],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'},
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [
+      'error: unknown config field \'seedz\' in a --config.* override (Did you mean "seed" '
+      'instead of "seedz"?); see the config file for the fields it has.']
