@@ -3,14 +3,6 @@ import importlib.util
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-# One persistent compilation cache for the whole suite: both pytest-xdist workers and every
-# CLI subprocess they start (which inherit the environment) compile the same tiny programs
-# many times over. Entries are keyed by the program, the XLA flags and the jax version, so
-# a hit is the same executable; a size limit turns on jax's file lock for concurrent writers.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache', 'jax'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2**30))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
