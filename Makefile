@@ -25,7 +25,7 @@ backbone: install
 
 # pytest exits 5 when it collects no tests, which fails this target. Two workers
 # (pytest-xdist), a test file each at a time: most tests are compiles and
-# subprocesses that keep one core busy (862 s -> 606-734 s on 2 idle cores).
+# subprocesses that keep one core busy (2 workers: 527-562 s on a 2-core AMD EPYC, 2026-12-07).
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
