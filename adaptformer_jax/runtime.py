@@ -104,14 +104,18 @@ class Run:
     params = self.abstract_variables['params']
     return tuning.count(params, self.mask), tuning.count(params)
 
+  def on_mesh(self, abstract: Any) -> Any:
+    """Abstract arrays with the shardings `place` would give them: a restore target."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, sharding.tree_shardings(abstract, self.mesh))
+
   def restore(self, workdir: str | None = None,
               checkpoint_path: str | None = None) -> tuple[dict[str, Any], str]:
     """(variables, the checkpoint step directory) of a trained model: the latest step of
     `workdir`, or the step `checkpoint_path`. Only the model's variables are read, not
     the optimizer state, so restoring needs no step plan or optimizer."""
-    abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), **self.abstract_variables}
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            abstract, sharding.tree_shardings(abstract, self.mesh))
+    abstract = self.on_mesh({'step': jax.ShapeDtypeStruct((), jnp.int32),
+                             **self.abstract_variables})
     if checkpoint_path:
       restored = checkpoints.restore_path(checkpoint_path, abstract, partial=True)
       source = os.path.abspath(checkpoint_path)

@@ -156,9 +156,7 @@ class Trainer:
       return runtime.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                         batch_stats=variables.get('batch_stats', {}),
                         opt_state=self.tx.init(variables['params']))
-    abstract = jax.eval_shape(init)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        abstract, sharding.tree_shardings(abstract, self.run.mesh))
+    return self.run.on_mesh(jax.eval_shape(init))
 
   def jit_train_step(self) -> Callable[[runtime.TrainState, dict[str, jax.Array]],
                                         tuple[runtime.TrainState, dict[str, jax.Array]]]:

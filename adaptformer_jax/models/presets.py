@@ -84,8 +84,8 @@ def unknown_preset(name: str) -> str | None:
 def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The model ConfigDict of preset `name` with top-level or nested overrides, not yet
   validated (`models.preset` validates it)."""
-  if unknown_preset(name):
-    raise ConfigError(unknown_preset(name) + '.')
+  if problem := unknown_preset(name):
+    raise ConfigError(problem + '.')
   patch, width, depth, heads, mlp_dim = PRESETS[name]
   cfg = ml_collections.ConfigDict(dict(
       name=name, patch_size=patch, width=width, depth=depth, num_heads=heads,
