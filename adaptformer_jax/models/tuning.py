@@ -72,13 +72,8 @@ class Tuning:
   """A parsed, validated `model.tuning` string: the methods and what the model builds."""
   methods: tuple[str, ...]
 
-  @property
-  def adaptformer(self) -> bool:
-    return 'adaptformer' in self.methods
-
-  @property
-  def lora(self) -> bool:
-    return 'lora' in self.methods
+  def __contains__(self, method: str) -> bool:
+    return method in self.methods
 
   @property
   def vpt(self) -> str | None:
@@ -95,6 +90,9 @@ class Tuning:
     for m in self.methods:
       rules += [r for r in METHODS[m].trainable if r not in rules]
     return tuple(rules)
+
+
+PLAIN = Tuning(('full',))  # a ViT with no method's parameters
 
 
 def parse(tuning: str) -> Tuning:

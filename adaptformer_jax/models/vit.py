@@ -129,7 +129,7 @@ class Attention(nn.Module):
   """
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
-  lora: bool = False
+  methods: tuning.Tuning = tuning.PLAIN
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out
 
   @nn.compact
@@ -141,7 +141,7 @@ class Attention(nn.Module):
     if self.cfg.qkv_bias == 'qv':
       q = q + self.param('q_bias', nn.initializers.zeros, (d,)).astype(q.dtype)
       v = v + self.param('v_bias', nn.initializers.zeros, (d,)).astype(v.dtype)
-    if self.lora:
+    if 'lora' in self.methods:
       lora = functools.partial(layers.LoRA, d, self.cfg.lora.rank,
                                self.cfg.lora.alpha, self.dtype)
       q = q + lora(name='lora_q')(x)
@@ -191,17 +191,16 @@ class Block(nn.Module):
   """
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
-  adapter: bool = False
-  lora: bool = False
+  methods: tuning.Tuning = tuning.PLAIN
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out of the attention
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.lora, self.pad,
+    x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.methods, self.pad,
                                              name='attn')(
         layer_norm(self.cfg, self.dtype, 'norm1')(x)))
     adapter = None
-    if self.adapter:
+    if 'adaptformer' in self.methods:
       a = self.cfg.adapter
       adapter = layers.AdaptMLP(a.bottleneck, a.scale, a.layernorm, a.dropout,
                                      self.dtype, a.init, name='adapter')
@@ -309,7 +308,7 @@ class VisionTransformer(nn.Module):
   """ViT classifier for images (B, H, W, 3) or, with a tubelet patch embedding,
   videos (B, T, H, W, 3); `cfg` is a model ConfigDict from `models.preset`.
 
-  The tuning method is parsed here, once; the blocks get plain booleans. Token
+  The tuning method is parsed here, once; the blocks get the parsed `Tuning`. Token
   order: [VPT prompts] [class token] [registers] patches; the position embedding
   covers the class token (when there is one) and the patches.
   """
@@ -355,7 +354,7 @@ class VisionTransformer(nn.Module):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
         x = add_prompts(x, i if vpt == 'deep' else 0)
-      x = block(cfg, dtype, methods.adaptformer, methods.lora, pad, name=f'block{i}')(x, train)
+      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train)
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
     x = x[:, :x.shape[1] - pad]
