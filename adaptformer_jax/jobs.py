@@ -1,4 +1,5 @@
-"""The jobs that read a trained run: evaluate it, export its adapters, predict, load variables.
+"""The jobs that read a trained run: evaluate it, export its adapters, merge them into
+plain weights, predict, load variables.
 
 A trained model is a workdir's checkpoint (latest, or `--checkpoint`) or a backbone
 (`config.init_from`) with exported adapters; either records its class names, and
@@ -12,9 +13,11 @@ import time
 from typing import Any, Sequence
 
 from absl import logging
+import flax.traverse_util
 import jax
 import ml_collections
 import numpy as np
+import safetensors.numpy
 
 from adaptformer_jax import class_names
 from adaptformer_jax import data
@@ -27,11 +30,17 @@ from adaptformer_jax import schema
 from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.models import mae
+from adaptformer_jax.models import merge as merging
 from adaptformer_jax.weights import checkpoints
 from adaptformer_jax.weights import exports
+from adaptformer_jax.weights import timm_layout
 
 EVAL_FILE = 'eval.json'
 PREDICTIONS_FILE = 'predictions.csv'
+MERGED_WEIGHTS = 'model.safetensors'  # this project's layout: model.init_from reads it
+MERGED_CONFIG = 'config.json'
+TIMM_WEIGHTS = 'timm_model.safetensors'  # timm's VisionTransformer(**timm_config.json)
+TIMM_CONFIG = 'timm_config.json'
 SHOWN_PREDICTIONS = 20  # images whose predictions are printed; the CSV has them all
 
 
@@ -138,6 +147,38 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
   return exports.export_adapters(out_dir, variables, mask, run.config.model, names,
                                  source=source, backbone=exports.backbone_record(run.config),
                                  overwrite=overwrite)
+
+
+def merge(config: ml_collections.ConfigDict, workdir: str | None, out_dir: str,
+          checkpoint_path: str | None = None, adapters: str | None = None,
+          overwrite: bool = False) -> list[str]:
+  """Merge job: the trained model with its tuning method folded into plain ViT weights
+  (`models.merge.merge_tuning`), written to out_dir in this project's layout and, where
+  timm's VisionTransformer can hold the model, in timm's. Returns the files written.
+  """
+  run, variables, names, source = trained_model(config, workdir, checkpoint_path, adapters)
+  merged, model_cfg = merging.merge_tuning(jax.device_get(variables), run.config.model)
+  tensors = {f'{collection}/{k}': np.asarray(v) for collection in merged
+             for k, v in flax.traverse_util.flatten_dict(merged[collection], sep='/').items()}
+  record = {'format': 'adaptformer_jax.merged/1', 'model': model_cfg.to_dict(),
+            'merged_from': run.config.model.tuning, 'class_names': names, 'checkpoint': source}
+  written = {MERGED_WEIGHTS: safetensors.numpy.save(tensors),
+             MERGED_CONFIG: json.dumps(record, indent=2).encode()}
+  no_timm = timm_layout.unsupported(model_cfg)
+  if no_timm:
+    print(f"No timm copy: timm's VisionTransformer cannot hold {'; '.join(no_timm)}.")
+  else:
+    written[TIMM_WEIGHTS] = safetensors.numpy.save(timm_layout.state_dict(merged, model_cfg))
+    written[TIMM_CONFIG] = json.dumps({'kwargs': timm_layout.timm_kwargs(model_cfg),
+                                       'class_names': names}, indent=2).encode()
+  workdirs.check_writable(out_dir, '--out')
+  clash = [f for f in written if os.path.exists(os.path.join(out_dir, f))]
+  if clash and not overwrite:
+    raise UserError(f'--out {out_dir} already holds {", ".join(clash)}; pass --overwrite to '
+                    'replace them, or choose a new directory.')
+  for name, content in written.items():
+    files.write_atomic(os.path.join(out_dir, name), content)
+  return sorted(written)
 
 
 def predict_files(config: ml_collections.ConfigDict, workdir: str | None,

@@ -1,6 +1,6 @@
 """Command line: `python -m adaptformer_jax.main --config configs/X.py:METHOD --workdir DIR`.
 
-Parses flags and runs one job: train, eval, export or predict. User mistakes end in one
+Parses flags and runs one job: train, eval, export, merge or predict. User mistakes end in one
 line on stderr and exit status 2 (`--verbose` shows the traceback). SIGTERM or
 SIGINT during training checkpoints the current step and exits with 128 + signal.
 """
@@ -17,21 +17,25 @@ CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and method, e.g. configs/cifar100.py:adaptformer. '
     'Optional for eval/export: defaults to the workdir\'s config.json.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict'], 'Job to run.')
-flags.DEFINE_string('checkpoint', None, 'eval/export/predict: a <workdir>/checkpoints/<step>.')
-flags.DEFINE_string('adapters', None, 'eval/predict: an export to swap into the backbone.')
-flags.DEFINE_string('out', None, 'export: output dir; predict: for predictions.csv (workdir).')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'merge', 'predict'],
+                  'Job to run.')
+flags.DEFINE_string('checkpoint', None,
+                    'eval/export/merge/predict: a <workdir>/checkpoints/<step>.')
+flags.DEFINE_string('adapters', None, 'eval/merge/predict: an export to swap into the backbone.')
+flags.DEFINE_string('out', None, 'export/merge: output dir; predict: for predictions.csv '
+                    '(default: the workdir).')
 flags.DEFINE_multi_string('images', [], 'predict: files, dirs or globs (more may follow).')
 flags.DEFINE_integer('top_k', 5, 'predict: classes per image.')
 flags.DEFINE_bool('per_class', False, 'eval: also print the accuracy of each class.')
-flags.DEFINE_bool('overwrite', False, 'export: replace a different export already in --out.')
+flags.DEFINE_bool('overwrite', False, 'export/merge: replace what --out already holds.')
 flags.DEFINE_string('coordinator_address', '', 'Multi-host: host:port of process 0.')
 flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', -1, 'Multi-host: index of this process.')
 # The flags only some modes read: given to another mode, one is a mistake, not a no-op.
-MODE_FLAGS = {'checkpoint': ('eval', 'export', 'predict'), 'adapters': ('eval', 'predict'),
-              'out': ('export', 'predict'), 'images': ('predict',), 'top_k': ('predict',),
-              'per_class': ('eval',), 'overwrite': ('export',)}
+MODE_FLAGS = {'checkpoint': ('eval', 'export', 'merge', 'predict'),
+              'adapters': ('eval', 'merge', 'predict'), 'out': ('export', 'merge', 'predict'),
+              'images': ('predict',), 'top_k': ('predict',), 'per_class': ('eval',),
+              'overwrite': ('export', 'merge')}
 
 
 def check_mode_flags(mode: str) -> None:
@@ -45,7 +49,7 @@ def check_mode_flags(mode: str) -> None:
 
 
 def job(config: ml_collections.ConfigDict | None, images: list[str]) -> None:
-  """The --mode job on `config` (None: the workdir's saved config, for eval/export/predict)."""
+  """The --mode job on `config` (None: the workdir's saved config, for eval/export/merge/predict)."""
   check_mode_flags(FLAGS.mode)
   # pylint: disable=g-import-not-at-top  # JAX and TF load only once the flags are good
   from adaptformer_jax import evaluate
@@ -55,8 +59,8 @@ def job(config: ml_collections.ConfigDict | None, images: list[str]) -> None:
   from adaptformer_jax import workdirs
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
-  # Predicting from an export or a checkpoint step needs no workdir (with --out).
-  workdir_free = FLAGS.mode == 'predict' and (FLAGS.adapters or FLAGS.checkpoint)
+  # Predicting or merging from an export or a checkpoint step needs no workdir (with --out).
+  workdir_free = FLAGS.mode in ('predict', 'merge') and (FLAGS.adapters or FLAGS.checkpoint)
   if not FLAGS.workdir and not workdir_free:
     raise UserError('--workdir is required: the directory for checkpoints and metrics.')
   if config is None:
@@ -77,7 +81,11 @@ def job(config: ml_collections.ConfigDict | None, images: list[str]) -> None:
     jobs.predict_files(config, FLAGS.workdir, images, out=FLAGS.out, top_k=FLAGS.top_k,
                        checkpoint_path=FLAGS.checkpoint, adapters=FLAGS.adapters)
   elif not FLAGS.out:
-    raise UserError('--mode export needs --out DIR.')
+    raise UserError(f'--mode {FLAGS.mode} needs --out DIR.')
+  elif FLAGS.mode == 'merge':
+    written = jobs.merge(config, FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.adapters,
+                         FLAGS.overwrite)
+    print(f"Merged into plain weights: {', '.join(written)} in {FLAGS.out}.")
   else:
     tensors = jobs.export(config, FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.overwrite)
     print(f'Exported {len(tensors)} tensors to {FLAGS.out}.')

@@ -95,10 +95,13 @@ CASES = {
                          "only the class folder 'cats'; a classifier needs at least two"),
     'predict_without_images': ('trained', ['--mode=predict'], 'needs --images PATH'),
     'checkpoint_in_train': ('trained', ['--checkpoint={trained}/checkpoints/0'],
-                            '--checkpoint is for --mode eval/export/predict, not --mode train '
+                            '--checkpoint is for --mode eval/export/merge/predict, not --mode train '
                             '(training resumes from the latest checkpoint of --workdir)'),
     'predict_missing_image': ('trained', ['--mode=predict', '--images={missing}'],
                               'missing: no such file or directory'),
+    'merge_not_linear': ('trained', ['--mode=merge', '--out={missing}'],
+                         "model.tuning='adaptformer' cannot be merged into plain weights: its "
+                         'bottleneck has a ReLU'),
 }
 TWO_DEVICES = {'batch_vs_devices'}
 
