@@ -116,6 +116,11 @@ MODEL = {
                 'init': one_of('lora', 'trunc_normal')},
     'vpt': {'num_tokens': POSITIVE},
     'lora': {'rank': POSITIVE, 'alpha': number(0, low_open=True)},
+    # Adapter+: bottleneck dim; where the block adds it (the official AdapterBlock's
+    # post/pre/intermediate/parallel); stochastic depth on its branch.
+    'adapter_plus': {'dim': POSITIVE,
+                     'placement': one_of('post', 'pre', 'intermediate', 'parallel'),
+                     'drop_path': number(0, 1)},
     'trainable': regexes, 'dtype': PRECISION, 'frozen_dtype': PRECISION,
     'attention': one_of('auto', 'xla', 'cudnn'),
     'remat': one_of(*vit.REMAT),  # what each block keeps for the backward pass

@@ -46,13 +46,13 @@ def merged_and_unmerged_logits(cfg, images):
           plain.apply(backbone, images))
 
 
-@pytest.mark.parametrize('method', ['lora', 'linear', 'full'])
+@pytest.mark.parametrize('method', ['lora', 'linear', 'full', 'ssf', 'bitfit', 'ssf+lora'])
 def test_merged_model_is_a_plain_vit_with_the_same_logits(method):
   cfg = tiny_cfg(tuning=method, num_classes=5)
   images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
   merged, unmerged, without_method = merged_and_unmerged_logits(cfg, images)
   np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5 * np.abs(unmerged).max())
-  if method == 'lora':  # the method's contribution is not negligible, so merging mattered
+  if method in ('lora', 'ssf', 'ssf+lora'):  # the method's contribution is not negligible, so merging mattered
     assert np.abs(without_method - unmerged).max() > 1e-2 * np.abs(unmerged).max()
 
 
@@ -123,3 +123,11 @@ def test_a_model_timm_cannot_hold_is_named():
   assert timm_layout.unsupported(cfg) == ["model.head='bn_linear' (timm needs 'linear')"]
   with pytest.raises(UserError, match="cannot hold this model: model.head='bn_linear'"):
     timm_layout.state_dict({'params': {}}, cfg)
+
+
+def test_ssf_without_a_final_norm_or_a_fused_qkv_bias_is_refused_saying_why():
+  for overrides in (dict(pool='gap'), dict(qkv_bias='qv')):
+    cfg = tiny_cfg(tuning='ssf', **overrides)
+    variables = models.build(cfg).init(jax.random.key(0), np.zeros((1, 32, 32, 3)))
+    with pytest.raises(ConfigError, match="fc_norm would normalise.*this model has"):
+      merge.merge_tuning(variables, cfg)

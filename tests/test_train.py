@@ -214,3 +214,27 @@ def test_frozen_bfloat16_state_keeps_trainable_leaves_and_optimizer_in_float32()
     else:
       assert after[path].dtype == jax.numpy.bfloat16, path
       assert after[path].tobytes() == before[path].tobytes(), path
+
+
+def test_ssf_bitfit_and_adapter_plus_train_resume_and_export(tmp_path, data_dir):
+  """The three methods in one short run: only their leaves and the head move, a resumed
+  run repeats the uninterrupted one bit for bit, the export swaps back in."""
+  config = tiny_run_config('ssf+bitfit+adapter_plus', data_dir=data_dir, num_train_steps=4,
+                           warmup_steps=1, log_every_steps=2, checkpoint_every_steps=2)
+  workdir, resumed = str(tmp_path / 'run'), str(tmp_path / 'resumed')
+  result = train.train_and_evaluate(config, workdir)
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '4'))
+  train.train_and_evaluate(config, resumed)
+  first, last = (flax.traverse_util.flatten_dict(restore(config, workdir, s).params, sep='/')
+                 for s in (2, 4))
+  again = flax.traverse_util.flatten_dict(restore(config, resumed, 4).params, sep='/')
+  mask = flax.traverse_util.flatten_dict(runtime.Run(config).mask, sep='/')
+  for k, trains in mask.items():
+    assert np.asarray(last[k]).tobytes() == np.asarray(again[k]).tobytes(), k
+    assert np.array_equal(first[k], last[k]) != trains, k
+  assert {k.split('/')[-2] for k, t in mask.items() if t and 'head' not in k} >= {
+      'adapter_plus', 'ssf_qkv', 'qkv', 'norm1'}  # Adapter+, SSF, BitFit's biases
+  out = str(tmp_path / 'adapters')
+  jobs.export(config, workdir, out)
+  assert jobs.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result

@@ -55,7 +55,7 @@ def test_fresh_on_load_is_exactly_what_the_methods_add_and_the_head():
 
 
 def test_every_load_hint_matches_a_parameter_its_method_adds():
-  added = _variable_paths('adaptformer+vpt_deep+lora') - _variable_paths('full')
+  added = _variable_paths('adaptformer+vpt_deep+lora+ssf+adapter_plus') - _variable_paths('full')
   assert tuning.LOAD_HINTS
   for pattern, hint in tuning.LOAD_HINTS:
     assert any(re.fullmatch(pattern, p) for p in added), hint
@@ -193,3 +193,29 @@ def test_frozen_weights_stored_in_bfloat16_halve_and_keep_the_logits(dtype):
   stored_logits = model.apply({'params': stored}, images)
   assert stored_logits.dtype == jnp.float32
   np.testing.assert_allclose(stored_logits, logits, atol=2e-2 * float(np.abs(logits).max()))
+
+
+def test_ssf_bitfit_and_adapter_plus_train_what_their_authors_train():
+  head = {'head/linear/kernel', 'head/linear/bias'}
+  sites = ['ssf_embedding', 'ssf_norm'] + [f'block{i}/{s}' for i in range(2) for s in (
+      'ssf_norm1', 'ssf_norm2', 'attn/ssf_qkv', 'attn/ssf_out', 'mlp/ssf_fc1', 'mlp/ssf_fc2')]
+  assert trained_paths(tiny_cfg(tuning='ssf')) == head | {
+      f'{s}/{p}' for s in sites for p in ('scale', 'shift')}
+  _, variables, _ = init(tiny_cfg(tuning='bitfit'))
+  paths = set(flax.traverse_util.flatten_dict(variables['params'], sep='/'))
+  assert trained_paths(tiny_cfg(tuning='bitfit')) == head | {
+      p for p in paths if p.endswith('/bias')}
+  assert {'embedding/bias', 'block0/norm1/bias', 'block1/attn/qkv/bias', 'norm/bias'} <= paths
+  assert trained_paths(tiny_cfg(tuning='adapter_plus')) == head | {
+      f'block{i}/adapter_plus/{p}' for i in range(2)
+      for p in ('down/kernel', 'down/bias', 'up/kernel', 'up/bias', 'scale')}
+
+
+def test_ssf_and_adapter_plus_leaves_start_fresh_on_load_with_their_labels():
+  paths = _variable_paths('ssf+adapter_plus')
+  added = paths - _variable_paths('full')
+  fresh = {p for p in paths if tuning.FRESH_ON_LOAD.fullmatch(p)}
+  assert fresh == added | {p for p in paths if p.split('/')[1] == 'head'}
+  labels = {label for p in fresh for pattern, label in tuning.FRESH_LABELS
+            if re.fullmatch(pattern, p)}
+  assert labels == {'SSF', 'Adapter+', 'head'}

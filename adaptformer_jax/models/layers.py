@@ -1,5 +1,6 @@
-"""The small trainable pieces: AdaptMLP, LoRA projections, prompt-token init."""
+"""The small trainable pieces: AdaptMLP, LoRA projections, prompt-token init, SSF, Adapter+."""
 import math
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -76,3 +77,65 @@ def prompt_init(key: jax.Array, shape: tuple[int, int, int],
   _, tokens, width = shape
   bound = math.sqrt(6.0 / ((tokens + 1) * width))
   return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# ---------------------------------------------------------------- SSF (Lian et al. 2022)
+# The official `init_ssf_scale_shift`: scale ~ N(1, .02), shift ~ N(0, .02).
+ssf_scale_init = lambda key, shape, dtype=jnp.float32: 1 + 0.02 * jax.random.normal(
+    key, shape, dtype)
+
+
+class SSF(nn.Module):
+  """Scale and shift every channel of the layer before it: x * scale + shift.
+
+  Linear in x, so `merge` folds it into that layer's kernel and bias.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', ssf_scale_init, (x.shape[-1],))
+    shift = self.param('shift', timm_trunc_normal_002, (x.shape[-1],))
+    return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+
+
+def ssf(on: bool, name: str) -> Callable[[jax.Array], jax.Array]:
+  """An SSF layer named `name` where SSF is on, else the identity (one line per site)."""
+  return SSF(name=name) if on else (lambda x: x)
+
+
+# ---------------------------------------------------------------- Adapter+ (Steitz & Roth 2024)
+# The official Houlsby init, torch trunc_normal_(std=.01, a=-.02, b=.02): N(0, .01) cut at
+# 2 std, as jax's truncated_normal(.01) (its stddev is the one before the cut).
+houlsby_init = nn.initializers.truncated_normal(0.01)
+
+
+class AdapterPlus(nn.Module):
+  """Adapter+: x -> scale * drop_path(up(GELU(down(x)))), a per-channel scale (init 1)
+  on the whole up projection, bias included; exact GELU; Houlsby init (kernels
+  truncated N(0, .01), zero biases); stochastic depth on the branch in training.
+  Returns the branch only: the block adds it where its placement says."""
+  bottleneck: int
+  drop_path: float = 0.1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = nn.Dense(self.bottleneck, dtype=self.dtype, kernel_init=houlsby_init, name='down')(x)
+    h = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=houlsby_init, name='up')(
+        nn.gelu(h, approximate=False))
+    if train and self.drop_path > 0:  # timm DropPath: drop whole examples, rescale the rest
+      keep = jax.random.bernoulli(self.make_rng('dropout'), 1 - self.drop_path,
+                                  (h.shape[0],) + (1,) * (h.ndim - 1))
+      h = jnp.where(keep, h / (1 - self.drop_path), 0)
+    return h * self.param('scale', nn.initializers.ones, (x.shape[-1],)).astype(h.dtype)
+
+
+def adapter_plus_at(options: Any, dtype: jnp.dtype, train: bool
+                    ) -> Callable[[str, jax.Array], jax.Array | int]:
+  """`at(where, v)`: the Adapter+ branch on v where `where` is model.adapter_plus.placement,
+  else 0. Call it in a block's compact method: the block's forward then reads as the
+  official AdapterBlock.forward_{pre,post,intermediate,parallel}. `options` None: no Adapter+."""
+  if options is None:
+    return lambda where, v: 0
+  adapter = AdapterPlus(options.dim, options.drop_path, dtype, name='adapter_plus')
+  return lambda where, v: adapter(v, train) if where == options.placement else 0

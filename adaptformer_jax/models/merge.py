@@ -6,6 +6,7 @@ sits next to: the merged model is a plain ViT (`tuning='full'`) with the same lo
 and the inference cost of the backbone. Each mergeable method has one rule in `RULES`;
 the merge runs in float64 NumPy and casts back, so large scales lose no precision.
 """
+import re
 from typing import Any, Callable
 
 import flax.traverse_util
@@ -24,6 +25,7 @@ NOT_LINEAR = {
     'adaptformer': 'its bottleneck has a ReLU between the projections',
     'vpt_shallow': 'its prompts are extra tokens that every attention layer attends to',
     'vpt_deep': 'its prompts are extra tokens that every attention layer attends to',
+    'adapter_plus': 'its bottleneck has a GELU between the projections',
 }
 
 
@@ -40,10 +42,29 @@ def _lora(params: dict[str, np.ndarray], cfg: ml_collections.ConfigDict) -> None
                                         ) * scale
 
 
-RULES: dict[str, Rule] = {
+def _ssf(params: dict[str, np.ndarray], cfg: ml_collections.ConfigDict) -> None:
+  """(x W + b) * s + t = x (W * s) + (b * s + t): each scale/shift pair into the kernel
+  (or LayerNorm scale) and bias of the layer it follows."""
+  if cfg.qkv_bias != 'qkv' or cfg.pool == 'gap':
+    raise ConfigError(
+        "model.tuning='ssf' merges only into a model with a fused qkv bias "
+        "(model.qkv_bias='qkv') and a final norm to fold into (model.pool not 'gap': "
+        "fc_norm would normalise the scale away); this model has "
+        f'qkv_bias={cfg.qkv_bias!r}, pool={cfg.pool!r}.')
+  for name in [k[:-len('/scale')] for k in params if re.search(r'(^|/)ssf_\w+/scale$', k)]:
+    layer = re.sub(r'ssf_(\w+)$', r'\1', name)  # ssf_<layer> follows <layer>
+    scale, shift = params.pop(name + '/scale'), params.pop(name + '/shift')
+    weight = layer + ('/scale' if re.search(r'(^|/)norm\d?$', layer) else '/kernel')
+    params[weight] *= scale
+    params[layer + '/bias'] = params[layer + '/bias'] * scale + shift
+
+
+RULES: dict[str, Rule] = {  # folded in this order: SSF scales what the others add to
     'full': lambda params, cfg: None,
     'linear': lambda params, cfg: None,
+    'bitfit': lambda params, cfg: None,  # it trains existing biases: nothing added
     'lora': _lora,
+    'ssf': _ssf,
 }
 
 
@@ -68,7 +89,7 @@ def merge_tuning(variables: Any, model_cfg: ml_collections.ConfigDict
   flat = flax.traverse_util.flatten_dict(dict(variables['params']), sep='/')
   dtypes = {k: np.asarray(v).dtype for k, v in flat.items()}
   work = {k: np.asarray(v, np.float64).copy() for k, v in flat.items()}
-  for m in methods:
+  for m in (m for m in RULES if m in methods):
     RULES[m](work, model_cfg)
   merged = {k: v.astype(dtypes[k]) for k, v in work.items()}
   out = dict(variables)

@@ -112,6 +112,9 @@ def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
                    layernorm='none', dropout=0.1, placement='parallel', init='lora'),
       vpt=dict(num_tokens=1),  # official --vpt_num default
       lora=dict(rank=8, alpha=8.0),
+      # Official Adapter+ (conf/adapter/adapter_plus.yaml over base_adapter.yaml): dim 8,
+      # after the block ('post'), drop_path 0.1 on the adapter branch.
+      adapter_plus=dict(dim=8, placement='post', drop_path=0.1),
       # Regexes over parameter paths that train; empty = the tuning method's.
       trainable=(),
       dtype='float32',  # compute dtype; trainable parameters stay float32

@@ -21,6 +21,8 @@ from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.errors import did_you_mean
 
 HEAD = 'head/.*'  # every method trains a fresh classifier head
+# SSF's scale/shift pairs, named ssf_<the layer they follow> (vit.py).
+SSF = r'(block\d+/((attn|mlp)/)?)?ssf_\w+/(scale|shift)'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,20 @@ METHODS = {
                   'and model.vpt.num_tokens'),
     'lora': Method((HEAD, r'block\d+/attn/lora_.*'), added=(r'block\d+/attn/lora_[qv]/.*',),
                    label='LoRA'),
+    # SSF (Lian et al. 2022): a scale and shift after the patch embedding, each norm,
+    # qkv, the attention output, fc1 and fc2; the official optimizer trains them + head.
+    'ssf': Method((HEAD, SSF), added=(SSF,), label='SSF',
+                  load_hint="the checkpoint's SSF scales and shifts do not fit: match "
+                            "model.tuning ('ssf') and the architecture"),
+    # BitFit as VPT's 'tinytl-bias' (the "Bias" row of the VTAB tables): every parameter
+    # named bias (LayerNorm, patch embedding, attention, MLP) + head; adds nothing.
+    'bitfit': Method((HEAD, r'(.*/)?(\w+_)?bias')),
+    # Adapter+ (Steitz & Roth 2024): a bottleneck after the block (model.adapter_plus).
+    'adapter_plus': Method(
+        (HEAD, r'block\d+/adapter_plus/.*'), added=(r'block\d+/adapter_plus/.*',),
+        label='Adapter+',
+        load_hint="the checkpoint's Adapter+ adapters do not fit: match model.tuning "
+                  "('adapter_plus') and model.adapter_plus.dim"),
 }
 
 # Methods that cannot be combined: both own the 'prompts' parameter.
@@ -64,7 +80,8 @@ EXCLUSIVE = (('vpt_shallow', 'vpt_deep'),)
 # export may be swapped into a model with other values. Every other field -- the
 # architecture, the tuning method and its settings (adapter.scale/placement/
 # layernorm, lora.rank/alpha, vpt.num_tokens, ...), `trainable` -- must match.
-EXPORT_FREE_FIELDS = ('dtype', 'remat', 'adapter.dropout', 'head_init_std', 'image_size')
+EXPORT_FREE_FIELDS = ('dtype', 'remat', 'adapter.dropout', 'head_init_std', 'image_size',
+                      'adapter_plus.drop_path')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -146,19 +146,28 @@ class Attention(nn.Module):
                                self.cfg.lora.alpha, self.dtype)
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(
-        multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad))
+    if 'ssf' in self.methods:
+      q, k, v = jnp.split(layers.SSF(name='ssf_qkv')(jnp.concatenate([q, k, v], -1)), 3, -1)
+    return layers.ssf('ssf' in self.methods, 'ssf_out')(
+        nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(
+            multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad)))
 
 
 class Mlp(nn.Module):
-  """fc1 -> GELU (model.gelu) -> fc2."""
+  """fc1 -> GELU (model.gelu) -> fc2; with SSF a scale and shift after each fc."""
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
+  methods: tuning.Tuning = tuning.PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(x)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h)
+    if 'ssf' in self.methods:  # SSF sits between fc1 and the GELU: no fused DenseGelu
+      h = GELU[self.cfg.gelu](layers.SSF(name='ssf_fc1')(nn.Dense(
+          self.cfg.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)))
+    else:
+      h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(x)
+    return layers.ssf('ssf' in self.methods, 'ssf_fc2')(
+        nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h))
 
 
 class DenseGelu(nn.Module):
@@ -184,7 +193,7 @@ class DenseGelu(nn.Module):
 
 class Block(nn.Module):
   """Pre-LN transformer block, optional LayerScale, an optional AdaptMLP branch and
-  LoRA attention.
+  LoRA attention; SSF scales and shifts; an Adapter+ branch (model.adapter_plus.placement).
 
   The adapter reads the stream after the (LayerScale'd) attention residual and
   adds next to (or acts on) what the MLP branch adds, LayerScale included.
@@ -196,9 +205,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    ssf = 'ssf' in self.methods
     x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.methods, self.pad,
                                              name='attn')(
-        layer_norm(self.cfg, self.dtype, 'norm1')(x)))
+        layers.ssf(ssf, 'ssf_norm1')(layer_norm(self.cfg, self.dtype, 'norm1')(x))))
+    plus = layers.adapter_plus_at(
+        self.cfg.adapter_plus if 'adapter_plus' in self.methods else None, self.dtype, train)
+    x = x + plus('pre', x)
     adapter = None
     if 'adaptformer' in self.methods:
       a = self.cfg.adapter
@@ -206,12 +219,13 @@ class Block(nn.Module):
                                      self.dtype, a.init, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
-    h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, name='mlp')(
-        layer_norm(self.cfg, self.dtype, 'norm2')(x)))
+    h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, self.methods, name='mlp')(
+        layers.ssf(ssf, 'ssf_norm2')(layer_norm(self.cfg, self.dtype, 'norm2')(x))))
+    h = h + plus('intermediate', h) + plus('parallel', x)
     if adapter is not None:
       h = h + (adapted if self.cfg.adapter.placement == 'parallel'
                else adapter(h, train))
-    return x + h
+    return x + h + plus('post', x + h)
 
   def layerscale(self, name: str, h: jax.Array) -> jax.Array:
     """CaiT's LayerScale: a learned per-channel gain on a residual branch (model.layerscale = its init)."""
@@ -319,7 +333,8 @@ class VisionTransformer(nn.Module):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     methods = tuning.parse(cfg.tuning)
-    x = embed_patches(cfg, dtype, images)
+    ssf = lambda name: layers.ssf('ssf' in methods, name)
+    x = ssf('ssf_embedding')(embed_patches(cfg, dtype, images))
     b = x.shape[0]
     tokens = lambda t: jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(x.dtype)
     if cfg.class_token:
@@ -361,9 +376,10 @@ class VisionTransformer(nn.Module):
 
     patches = slice(int(cfg.class_token) + cfg.num_registers, None)
     if cfg.pool == 'gap':  # MAE: no final norm, fc_norm after the mean
-      x = layer_norm(cfg, None, 'fc_norm')(x[:, patches].mean(axis=1))
+      # SSF's last scale and shift act on the tokens: the same on their mean.
+      x = layer_norm(cfg, None, 'fc_norm')(ssf('ssf_norm')(x[:, patches].mean(axis=1)))
     else:
-      x = layer_norm(cfg, None, 'norm')(x)
+      x = ssf('ssf_norm')(layer_norm(cfg, None, 'norm')(x))
       if cfg.pool == 'cls':
         x = x[:, 0]
       elif cfg.pool == 'gap_prenorm':

@@ -1,10 +1,15 @@
 """Reading weight files: which container a path is, and its tensors as numpy arrays.
 
 Formats are told apart by the file's first bytes (then its extension), so users never
-name them. PyTorch files are read with `weights_only=True` (no pickle code runs).
+name them. PyTorch files are read with `weights_only=True` (no pickle code runs); a
+file whose other entries are objects torch's safe loader refuses (a Lightning
+checkpoint's OmegaConf hyper-parameters) is read again with those objects left
+opaque (`_opaque_pickle`), still running no code from the file.
 """
 import argparse
 import os
+import pickle
+import types
 import zipfile
 
 import flax.traverse_util
@@ -79,9 +84,13 @@ def _read_torch(path):
     raise UserError(f"{path} is a PyTorch checkpoint; reading it needs torch: "
                     "pip install 'adaptformer_jax[torch]'.") from None
   try:
-    # The official training script also saves its argparse Namespace.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+      # The official training script also saves its argparse Namespace.
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:  # other objects next to the tensors: leave them opaque
+      obj = torch.load(path, map_location='cpu', weights_only=False,
+                       pickle_module=_opaque_pickle())
   except Exception as e:  # pylint: disable=broad-except
     raise _unreadable(path, 'a PyTorch checkpoint', e) from None
   for wrapper in _TORCH_WRAPPERS:
@@ -92,6 +101,48 @@ def _read_torch(path):
     raise UserError(f'{path}: holds a {type(obj).__name__}, not a state dict of tensors.')
   return {k: (v.detach().float() if v.is_floating_point() else v).numpy()
           for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+class _Opaque:
+  """Any object of a checkpoint other than tensors and plain containers: built from
+  nothing, whatever the file says (it runs no code and keeps no state)."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    del state
+
+  def __setitem__(self, key, value):
+    del key, value
+
+  def append(self, value):
+    del value
+
+  def extend(self, values):
+    del values
+
+
+# The only callables a file may name: torch's tensor rebuilders and OrderedDict (the
+# storages torch's own unpickler resolves before asking).
+_TENSOR_GLOBALS = {('torch._utils', '_rebuild_tensor_v2'), ('torch._utils', '_rebuild_parameter'),
+                   ('collections', 'OrderedDict'), ('torch', 'Size')}
+
+
+def _opaque_pickle():
+  """A pickle module for torch.load whose unpickler builds tensors and plain containers
+  and turns every other global of the file into `_Opaque`."""
+
+  class Unpickler(pickle.Unpickler):
+
+    def find_class(self, module, name):
+      if (module, name) in _TENSOR_GLOBALS:
+        return super().find_class(module, name)
+      return _Opaque
+
+  def load(file, **kwargs):
+    return Unpickler(file, **kwargs).load()
+
+  return types.SimpleNamespace(Unpickler=Unpickler, load=load, __name__='opaque_pickle')
 
 def _read_safetensors(path):
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top

@@ -28,6 +28,9 @@ _TORCH_MODULES = (
     (r'attn_pool\.mlp\.(fc[12])', r'map_head/mlp/\1', 'linear'),
     (r'head(?:\.1)?', 'head/linear', 'linear'),
     (r'head\.0', 'head/bn', 'bn'),
+    # Adapter+ (official vit_adapter.Adapter): bottleneck = [Identity, down, GELU, Identity, up].
+    (r'blocks\.(\d+)\.adapter\.bottleneck\.1', r'block\1/adapter_plus/down', 'linear'),
+    (r'blocks\.(\d+)\.adapter\.bottleneck\.4', r'block\1/adapter_plus/up', 'linear'),
 )
 
 _TORCH_PARAMS = {
@@ -45,7 +48,15 @@ _TORCH_LEAVES = ((r'cls_token', 'cls'), (r'pos_embed', 'pos_embedding'),
                  (r'blocks\.(\d+)\.(?:gamma_|ls)([12])(?:\.gamma)?', r'block\1/ls\2'),
                  (r'reg_token|register_tokens', 'registers'),  # timm | DINOv2
                  (r'attn_pool\.latent', 'map_head/probe'),
-                 (r'prompts', 'prompts'))  # stacked from the official `embeddings.N`
+                 (r'prompts', 'prompts'),  # stacked from the official `embeddings.N`
+                 (r'blocks\.(\d+)\.adapter\.scaling', r'block\1/adapter_plus/scale'),
+                 # Official SSF: ssf_{scale,shift}_N on the module of the layer they follow.
+                 (r'patch_embed\.ssf_(scale|shift)_1', r'ssf_embedding/\1'),
+                 (r'blocks\.(\d+)\.ssf_(scale|shift)_([12])', r'block\1/ssf_norm\3/\2'),
+                 (r'blocks\.(\d+)\.attn\.ssf_(scale|shift)_1', r'block\1/attn/ssf_qkv/\2'),
+                 (r'blocks\.(\d+)\.attn\.ssf_(scale|shift)_2', r'block\1/attn/ssf_out/\2'),
+                 (r'blocks\.(\d+)\.mlp\.ssf_(scale|shift)_([12])', r'block\1/mlp/ssf_fc\3/\2'),
+                 (r'ssf_(scale|shift)_1', r'ssf_norm/\1'))  # after the final norm
 
 # Pretraining-only parts of MAE / DINOv2 / VideoMAE checkpoints, and BatchNorm's step counter.
 _TORCH_IGNORED = re.compile(
@@ -53,6 +64,8 @@ _TORCH_IGNORED = re.compile(
 
 # VideoMAE's pre-training files nest the ViT under `encoder.`.
 _ENCODER_PREFIX = 'encoder.'
+# Official Adapter+ Lightning checkpoints nest the timm ViT under `vit.`.
+_LIGHTNING_PREFIX = 'vit.'
 
 # OpenCLIP / OpenAI CLIP image tower (`visual.*`) -> timm names; the rest is the text
 # tower. OpenCLIP models built on a timm trunk (SigLIP) hold `visual.trunk.<timm name>`.
@@ -109,6 +122,12 @@ def convert(path: str, flat: dict[str, np.ndarray],
   if any(k.startswith('visual.') for k in keys):
     flat, ignored = _openclip_to_timm(flat)
     return 'OpenCLIP', _convert_torch(flat), ignored
+  if any(k.startswith((_LIGHTNING_PREFIX + 'blocks.', _LIGHTNING_PREFIX + 'patch_embed.'))
+         for k in keys):
+    model = {k[len(_LIGHTNING_PREFIX):]: v for k, v in flat.items()
+             if k.startswith(_LIGHTNING_PREFIX)}
+    return 'Adapter+ Lightning', _convert_torch(model), {
+        'keys outside vit.': len(flat) - len(model)}
   if any(k.startswith(('blocks.', 'patch_embed.')) for k in keys):
     ignored = sum(bool(_TORCH_IGNORED.fullmatch(k)) for k in keys)
     return 'timm', _convert_torch(flat), {'pretraining-only keys': ignored}

@@ -71,19 +71,22 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
   loaded, problems = fit.match(converted, target, grid, model_cfg.posemb_resample, fresh_why)
   missing = sorted(set(target) - set(loaded))
   backbone = [k for k in target if not tuning.FRESH_ON_LOAD.fullmatch(k)]
-  # An adapter export holds no backbone leaf: the backbone comes from init_variables.
-  backbone_elsewhere = layout == 'this project' and not any(k in loaded for k in backbone)
+  # An adapter export, or an official method + head file (Adapter+'s Lightning
+  # checkpoint), holds no backbone leaf: the backbone comes from init_variables.
+  backbone_elsewhere = not any(k in converted for k in backbone)
   if backbone_elsewhere and not (init_variables is not None and init_has_backbone):
     raise UserError(
-        f'{path} holds no backbone, only adapters and a head (an adapter export): as '
-        'config.init_from pass the backbone they were trained on (adapter_config.json '
-        "beside it names it); to evaluate or predict with the export, pass its folder as "
-        '--adapters (in Python: load the backbone first and pass it as init_variables).')
+        f'{path} holds no backbone, only adapters and a head (an adapter export, or an '
+        "official method + head file such as Adapter+'s): as config.init_from pass the "
+        'backbone they were trained on (for an export, adapter_config.json beside it names '
+        "it); to evaluate or predict with an export, pass its folder as --adapters (in "
+        'Python: load the backbone first and pass it as init_variables).')
   mismatched = {k for k, _ in problems['shape mismatches (checkpoint vs model)']}
+  whole = _whole_methods(model_cfg, converted, target)
   problems['missing from the checkpoint'] = [
       (k, f'{k} {tuple(target[k].shape)}') for k in missing
-      if not (k in mismatched or tuning.FRESH_ON_LOAD.fullmatch(k) or k in fresh_why
-              or backbone_elsewhere)]
+      if not (k in mismatched or k in fresh_why or (
+          backbone_elsewhere or tuning.FRESH_ON_LOAD.fullmatch(k)) and k not in whole)]
   ignored['unexpected keys (strict=False)'] = len(problems['unexpected in the checkpoint'])
   diagnose.raise_or_warn(path, problems, strict, converted, model_cfg, layout == 'this project')
   integrity.check_values(path, {converted[k][1]: v for k, v in loaded.items()})
@@ -101,6 +104,17 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
             if len(grid) == 2 else '')
   out = {k: np.asarray(loaded[k], target[k].dtype) for k in target}
   return flax.traverse_util.unflatten_dict(out, sep='/')
+
+def _whole_methods(model_cfg, converted, target):
+  """The model's leaves of every tuning method the checkpoint holds a leaf of: it must
+  hold all of them (a method half loaded, half fresh would be silently wrong)."""
+  whole = set()
+  for m in tuning.parse(model_cfg.tuning).methods:
+    rules = [re.compile('params/' + r) for r in tuning.METHODS[m].added]
+    ours = lambda k: any(r.fullmatch(k) for r in rules)
+    if any(ours(k) for k in converted):
+      whole |= {k for k in target if ours(k)}
+  return whole
 
 def _mae_final_norm(path, model_cfg, converted, layout):
   """Whether pool='gap' drops the checkpoint's final norm, as MAE fine-tuning does.
