@@ -20,6 +20,7 @@ import ml_collections
 from adaptformer_jax import files
 from adaptformer_jax import schema
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.models import presets
 from adaptformer_jax.weights import checkpoints
 
 CONFIG_FILE = 'config.json'
@@ -78,6 +79,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   except (OSError, ValueError) as e:
     raise UserError(f'--workdir {workdir}: cannot read {CONFIG_FILE} ({e}); pass --config.'
                     ) from None
+  if isinstance(saved, dict) and 'model' in saved:
+    saved['model'] = presets.upgrade(saved['model'])
   schema.validate(saved, f'--workdir {workdir}: {CONFIG_FILE} is not a valid run '
                         'config: ', '; restore the file or pass --config')
   return ml_collections.ConfigDict(saved)

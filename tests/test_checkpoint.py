@@ -8,10 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from adaptformer_jax import workdirs
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.weights import checkpoints
 from adaptformer_jax.weights import exports
 from conftest import tiny_cfg
+from conftest import tiny_run_config
 
 STATE = {'step': jnp.array(3), 'params': {'w': jnp.arange(6.0).reshape(2, 3)}}
 
@@ -105,3 +107,28 @@ def test_adapters_go_back_onto_the_backbone_they_were_trained_on(tmp_path, caplo
     exports.check_backbone(str(on_seed), config(seed=0))
   exports.check_backbone(str(on_file), config(other))  # may be the same weights: warned
   assert 'differs' in caplog.text and 'the results are wrong' in caplog.text
+
+
+def test_exports_and_run_configs_from_before_a_method_existed_still_load(tmp_path):
+  """Fields added later (a new method's options) take their defaults when absent."""
+  variables, mask = _variables_and_mask()
+  cfg = tiny_cfg()
+  exports.export_adapters(str(tmp_path), variables, mask, cfg, ['a', 'b'])
+  path = tmp_path / exports.ADAPTER_CONFIG
+  saved = json.loads(path.read_text())
+  del saved['model']['adapter_plus'], saved['model']['adapter']['init']
+  path.write_text(json.dumps(saved))
+  swapped = exports.swap_in_adapters(str(tmp_path), variables, mask, cfg)
+  np.testing.assert_array_equal(swapped['params']['block0']['adapter']['up'], 1.0)
+  saved['model']['adapter']['bottleneck'] = 4  # a real difference is still one
+  path.write_text(json.dumps(saved))
+  with pytest.raises(UserError, match='adapter.bottleneck: adapters 4 vs config 8'):
+    exports.swap_in_adapters(str(tmp_path), variables, mask, cfg)
+
+  config = tiny_run_config()
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  old = json.loads(config.to_json())
+  del old['model']['adapter_plus']
+  (run_dir / workdirs.CONFIG_FILE).write_text(json.dumps(old))
+  assert json.loads(workdirs.load_config(str(run_dir)).to_json()) == json.loads(config.to_json())

@@ -132,6 +132,29 @@ def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   return cfg
 
 
+def upgrade(model: dict[str, Any]) -> dict[str, Any]:
+  """A saved model config (a config.json's or an export's "model") with the fields that
+  later versions added, at their defaults.
+
+  A new field's default keeps the behaviour from before it existed (a new method's
+  options are read only by that method), so runs and exports written earlier still
+  resume, evaluate and swap in. An unknown preset name is left for the schema to report.
+  """
+  if not isinstance(model, dict) or unknown_preset(model.get('name')):
+    return model
+  return _filled(defaults(model['name']).to_dict(), model)
+
+
+def _filled(default: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+  out = dict(saved)
+  for key, value in default.items():
+    if key not in saved:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(saved[key], dict):
+      out[key] = _filled(value, saved[key])
+  return out
+
+
 def _override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
   for key, value in overrides.items():
     if key not in cfg:

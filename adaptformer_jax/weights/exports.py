@@ -19,6 +19,7 @@ import safetensors.numpy
 
 from adaptformer_jax import files
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.models import presets
 from adaptformer_jax.models import tuning
 from adaptformer_jax.weights import integrity
 
@@ -119,6 +120,7 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     raise UserError(f'--adapters {adapter_dir}: {ADAPTER_CONFIG} is not an export config '
                     f'(expected an object with a "model" object; {got}); pass a directory '
                     'written by `--mode export`.')
+  saved['model'] = presets.upgrade(saved['model'])
   return saved
 
 def swap_in_adapters(adapter_dir: str, variables: dict[str, Any], mask: Any,
