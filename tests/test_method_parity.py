@@ -86,7 +86,9 @@ def test_ssf_scales_and_head_alone_load_on_top_of_a_backbone(ref, tmp_path):
   partial = tmp_path / 'ssf.safetensors'
   safetensors.numpy.save_file(method_keys(numpy_state(model), 'ssf_'), str(partial))
   ours = cfg('ssf')
-  base = pretrained.load(save_torch(backbone, tmp_path / 'backbone.pth'), ours)
+  fresh = jax.jit(models.build(ours).init)(jax.random.key(0), IMAGES[:1])
+  base = pretrained.load(save_torch(backbone, tmp_path / 'backbone.pth'), ours,
+                         init_variables=fresh)
   variables = pretrained.load(partial, ours, init_variables=base)
   assert_close(logits(ours, variables), ref.timm.logits(model, IMAGES))
   with pytest.raises(UserError, match='holds no backbone'):
@@ -127,7 +129,9 @@ def test_adapter_plus_lightning_checkpoint_loads_on_top_of_a_backbone(ref, tmp_p
                'state_dict': {f'vit.{k}': v for k, v in model.state_dict().items()
                               if '.adapter.' in k or k.startswith('head.')}}
   ours = cfg('adapter_plus')
-  base = pretrained.load(save_torch(backbone, tmp_path / 'backbone.pth'), ours)
+  fresh = jax.jit(models.build(ours).init)(jax.random.key(0), IMAGES[:1])
+  base = pretrained.load(save_torch(backbone, tmp_path / 'backbone.pth'), ours,
+                         init_variables=fresh)
   variables = pretrained.load(save_torch(lightning, tmp_path / 'last.ckpt'), ours,
                               init_variables=base)
   assert_close(logits(ours, variables), ref.timm.logits(model, IMAGES))

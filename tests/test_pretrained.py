@@ -387,3 +387,29 @@ def test_not_a_checkpoint(tmp_path, monkeypatch):
   (tmp_path / 'model.pth').write_bytes(b'PK\x03\x04')
   with pytest.raises(UserError, match=r"pip install 'adaptformer_jax\[torch\]'"):
     pretrained.load(tmp_path / 'model.pth', tiny_cfg())
+
+
+class _RunsCode:
+  """Unpickling it would call os.system: a hostile object next to the tensors."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    import os  # pylint: disable=g-import-not-at-top
+    return os.system, (f'touch {self.marker}',)
+
+
+def test_objects_beside_the_tensors_are_read_past_without_running_code(tmp_path):
+  """A Lightning checkpoint pickles its OmegaConf hyper-parameters, which torch's safe
+  loader refuses; the tensors are read with every other object left opaque."""
+  torch = pytest.importorskip('torch')
+  marker = tmp_path / 'ran'
+  weights = {'head.weight': torch.ones(2, 3), 'head.bias': torch.zeros(2)}
+  torch.save({'state_dict': weights, 'hyper_parameters': {'cfg': _RunsCode(marker)}},
+             tmp_path / 'last.ckpt')
+  from adaptformer_jax.weights import formats  # pylint: disable=g-import-not-at-top
+  flat, kind = formats.read(tmp_path / 'last.ckpt')
+  assert kind == 'torch' and not marker.exists()
+  assert sorted(flat) == ['head.bias', 'head.weight']
+  np.testing.assert_array_equal(flat['head.weight'], np.ones((2, 3)))

