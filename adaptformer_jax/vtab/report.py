@@ -1,8 +1,8 @@
 """results.json, report.md and report.png of a VTAB root, from whatever runs finished.
 
-Both averages the literature uses, labelled: the mean over the 19 tasks (V-PETL Bench,
-NOAH, ...) and the mean of the three group means (VTAB's own; natural 7, specialized 4,
-structured 8 tasks), which weighs the 8 structured tasks like the 4 specialized ones.
+Both averages the literature uses, labelled: the mean over the 19 tasks (V-PETL Bench's
+'Mean') and the mean of the three group means (natural 7, specialized 4, structured 8
+tasks), which weighs the 8 structured tasks like the 4 specialized ones.
 """
 import glob
 import json
@@ -109,8 +109,8 @@ def markdown(results: dict) -> str:
             '|---|---|' + ('---|' if ref else '')]
   labels = [(g, f'{g} (mean of its {sum(t.group == g for t in tasks.TASKS)} tasks)')
             for g in tasks.GROUPS] + [
-                ('mean_19_tasks', '**mean over the 19 tasks** (V-PETL Bench, NOAH)'),
-                ('mean_of_group_means', '**mean of the 3 group means** (VTAB)')]
+                ('mean_19_tasks', "**mean over the 19 tasks** (V-PETL Bench's Mean)"),
+                ('mean_of_group_means', '**mean of the 3 group means**')]
   for key, label in labels:
     lines.append(f'| {label} | {_fmt(a[key])} |' + (f' {_fmt(ref_a[key])} |' if ref else ''))
   lines += ['', f"Reference rows: {results['references']['source']}. "

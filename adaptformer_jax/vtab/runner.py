@@ -46,7 +46,7 @@ def missing_message(found: list[tasks.Task], data_dir: str | None) -> str:
   root = data_dir or tfds.core.constants.DATA_DIR
   names = ', '.join(f'{t.name} ({t.tfds_name})' for t in found)
   builds = ' '.join(dict.fromkeys(f"'{t.tfds_name}'" for t in found))  # with the version pin
-  manual = [f'{t.name} needs {t.manual}' for t in found if t.manual]
+  manual = [f"{t.name} needs {t.manual.replace('DATA_DIR', root)}" for t in found if t.manual]
   return (f'{len(found)} VTAB dataset(s) not prepared in data.data_dir {root}: {names}. '
           f'Nothing is downloaded here: on a machine with network access run `tfds build '
           f'{builds} --data_dir {root}` and copy the folders into {root}'
