@@ -10,6 +10,7 @@ import pytest
 
 from adaptformer_jax import models
 from adaptformer_jax.data import vtab as tasks
+from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.vtab import protocol
 from adaptformer_jax.vtab import references
@@ -162,3 +163,11 @@ def test_aggregator_reproduces_v_petl_bench():
   del partial['kitti']
   assert report.averages(partial)['structured'] is None
   assert report.averages(partial)['natural'] == pytest.approx(563.9 / 7)
+
+
+def test_bad_protocol_fields_are_one_config_error():
+  config = shipped_config('vtab', 'adaptformer')
+  config.vtab.learning_rates, config.vtab.seeds = (0.0, 1e-3), ()
+  with pytest.raises(ConfigError, match=r'vtab.learning_rates: must be a non-empty list of '
+                     r'numbers > 0, got \(0.0, 0.001\); config.vtab.seeds: .* got \(\)'):
+    protocol.grid(config)

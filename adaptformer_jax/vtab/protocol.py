@@ -60,10 +60,18 @@ class Run:
 
 
 def grid(config: ml_collections.ConfigDict) -> list[dict]:
-  """The declared grid's points, in order."""
+  """The declared grid's points, in order; a ConfigError names any bad vtab field."""
   v = config.vtab
-  if not v.learning_rates or not v.weight_decays:
-    raise ConfigError('config.vtab.learning_rates and weight_decays: each needs a value.')
+  number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+  problems = [f'config.vtab.{name}: must be a non-empty list of {want}, got {values!r}'
+              for name, values, want, ok in (
+                  ('learning_rates', v.learning_rates, 'numbers > 0', lambda x: number(x) and x > 0),
+                  ('weight_decays', v.weight_decays, 'numbers >= 0', lambda x: number(x) and x >= 0),
+                  ('seeds', v.seeds, 'integers', lambda x: isinstance(x, int) and not isinstance(
+                      x, bool)))
+              if not isinstance(values, (list, tuple)) or not values or not all(map(ok, values))]
+  if problems:
+    raise ConfigError('; '.join(problems) + '.')
   return [dict(learning_rate=float(lr), weight_decay=float(wd))
           for lr, wd in itertools.product(v.learning_rates, v.weight_decays)]
 
