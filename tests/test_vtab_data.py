@@ -1,5 +1,7 @@
 """The 19 VTAB-1k tasks: the table, each label transformation at every bin edge, and every
 builder read through the project's data sources (tfds mock data, hand-made examples)."""
+import json
+
 import ml_collections
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from adaptformer_jax import data
 from adaptformer_jax.data import sources
 from adaptformer_jax.data import vtab
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.vtab import datasets
 import vtab_mock
 
 NAMES = ('cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397 patch_camelyon '
@@ -24,6 +27,23 @@ def test_the_table_holds_the_19_tasks_in_the_standard_order():
     train800, val200 = t.splits['train800'], t.splits['val200']
     assert t.splits['train800val200'] == f'{train800}+{val200}'
     assert t.splits['test'] not in (train800, val200)
+
+
+def test_list_matches_the_table(tmp_path):
+  """`--list --format=json`: one object per task, standard order; the table says which
+  tasks are prepared."""
+  rows = json.loads(datasets.listing('json', None))
+  assert [r['name'] for r in rows] == NAMES
+  for row, t in zip(rows, vtab.TASKS):
+    assert set(row) == {'name', 'group', 'tfds_name', 'num_classes', 'splits'}
+    assert (row['group'], row['tfds_name'], row['num_classes'], row['splits']) == (
+        t.group, t.tfds_name, t.num_classes, t.splits)
+    assert list(row['splits']) == list(vtab.SPLITS)
+  vtab_mock.prepare(str(tmp_path), [vtab.task('clevr_count')])
+  lines = {line.split()[0]: line.split() for line in
+           datasets.listing('table', str(tmp_path)).splitlines()}
+  assert [lines[n][4] for n in ('clevr_count', 'clevr_dist', 'cifar')] == ['yes', 'yes', 'no']
+  assert lines['2'][:4] == ['2', 'of', '19', 'prepared']
 
 
 def _objects(**rows):

@@ -5,7 +5,6 @@
       --workdir runs/vtab [--tasks cifar,dtd] [--skip_missing]
   python -m adaptformer_jax.vtab --report runs/vtab
 """
-import json
 import os
 
 from absl import app
@@ -28,31 +27,12 @@ REPORT = flags.DEFINE_string('report', None, 'Rebuild results.json, report.md, r
                              'this root from the runs that finished, and exit.')
 
 
-def listing(fmt: str, data_dir: str | None) -> str:
-  """The task table: JSON (name, group, tfds_name, num_classes, splits) or readable."""
-  from adaptformer_jax.data import vtab  # pylint: disable=g-import-not-at-top
-  rows = [dict(name=t.name, group=t.group, tfds_name=t.tfds_name, num_classes=t.num_classes,
-               splits=dict(t.splits)) for t in vtab.TASKS]
-  if fmt == 'json':
-    return json.dumps(rows, indent=1)
-  from adaptformer_jax.vtab import runner  # pylint: disable=g-import-not-at-top
-  absent = {t.name for t in runner.missing([t.name for t in vtab.TASKS], data_dir)}
-  lines = [f"{'task':<21}{'group':<12}{'tfds':<52}{'classes':>7}  {'prepared':<9}"
-           'val200 / test']
-  for t in vtab.TASKS:
-    lines.append(f"{t.name:<21}{t.group:<12}{t.tfds_name:<52}{t.num_classes:>7}  "
-                 f"{'no' if t.name in absent else 'yes':<9}{t.splits['val200']} / "
-                 f"{t.splits['test']}")
-  lines.append(f'{19 - len(absent)} of 19 prepared in {data_dir or "the tfds default data_dir"};'
-               ' labels and sources: docs/vtab.md.')
-  return '\n'.join(lines)
-
-
 def job() -> None:
   config = cli.loaded_config(CONFIG)
   data_dir = DATA_DIR.value or (config.data.data_dir if config is not None else None)
   if LIST.value:
-    print(listing(FORMAT.value, data_dir))
+    from adaptformer_jax.vtab import datasets  # pylint: disable=g-import-not-at-top
+    print(datasets.listing(FORMAT.value, data_dir))
     return
   if REPORT.value:
     from adaptformer_jax.vtab import report  # pylint: disable=g-import-not-at-top

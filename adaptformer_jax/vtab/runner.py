@@ -12,46 +12,19 @@ import time
 from collections.abc import Callable
 
 import ml_collections
-import tensorflow_datasets as tfds
 
 from adaptformer_jax import files
 from adaptformer_jax import runtime
 from adaptformer_jax import train
 from adaptformer_jax import workdirs
-from adaptformer_jax.data import vtab as tasks
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.vtab import datasets
 from adaptformer_jax.vtab import protocol
 from adaptformer_jax.vtab import report
 
 RESULT = 'result.json'
 PROTOCOL = 'protocol.json'
 TRAIN_SIZES = {'train800': 800, 'train800val200': 1000}
-
-
-def missing(names: list[str], data_dir: str | None) -> list[tasks.Task]:
-  """The tasks whose tfds dataset is not prepared in `data_dir` (nothing is read or fetched)."""
-  found = []
-  for name in names:
-    t = tasks.task(name)
-    try:
-      prepared = tfds.builder(t.tfds_name, data_dir=data_dir).is_prepared()
-    except (tfds.core.DatasetNotFoundError, ValueError, AssertionError):
-      prepared = False
-    if not prepared:
-      found.append(t)
-  return found
-
-
-def missing_message(found: list[tasks.Task], data_dir: str | None) -> str:
-  root = data_dir or tfds.core.constants.DATA_DIR
-  names = ', '.join(f'{t.name} ({t.tfds_name})' for t in found)
-  builds = ' '.join(dict.fromkeys(f"'{t.tfds_name}'" for t in found))  # with the version pin
-  manual = [f"{t.name} needs {t.manual.replace('DATA_DIR', root)}" for t in found if t.manual]
-  return (f'{len(found)} VTAB dataset(s) not prepared in data.data_dir {root}: {names}. '
-          f'Nothing is downloaded here: on a machine with network access run `tfds build '
-          f'{builds} --data_dir {root}` and copy the folders into {root}'
-          + (f" ({'; '.join(manual)})" if manual else '')
-          + '; or pass --skip_missing to run the other tasks.')
 
 
 def _steps(cfg: ml_collections.ConfigDict) -> int:
@@ -120,9 +93,9 @@ def run_all(config: ml_collections.ConfigDict, root: str, names: list[str],
             skip_missing: bool = False, log: Callable[[str], None] | None = None) -> dict:
   """Selection and seeds of every task in `names` under `root`; returns the report."""
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-  absent = missing(names, config.data.data_dir)
+  absent = datasets.missing(names, config.data.data_dir)
   if absent and not skip_missing:
-    raise UserError(missing_message(absent, config.data.data_dir))
+    raise UserError(datasets.missing_message(absent, config.data.data_dir))
   if absent:
     log(f"[vtab] skipping {len(absent)} unprepared task(s): {', '.join(t.name for t in absent)}")
   names = [n for n in names if n not in {t.name for t in absent}]
