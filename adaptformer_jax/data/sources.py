@@ -143,7 +143,7 @@ def _vtab_source(data_cfg):
   """'vtab:<task>': the task's tfds builder, its VTAB-1k split strings (data.train_split
   and eval_split name one of data/vtab.py SPLITS) and its label transformation."""
   task = vtab.task(data_cfg.name)
-  builder = prepared_builder(task.tfds_name, data_cfg.data_dir)
+  builder = _prepared_builder(task.tfds_name, data_cfg.data_dir)
   vtab.check_sizes(task, {s: builder.info.splits[s].num_examples for s in builder.info.splits})
   image = builder.info.features['image']
   label = builder.info.features['label'] if 'label' in builder.info.features else None
@@ -169,7 +169,7 @@ def _process_split(split):
 def _builder(data_cfg):
   """The prepared tfds classification builder of data.name, or a UserError saying what to do."""
   name = str(data_cfg.name)
-  builder = prepared_builder(name, data_cfg.data_dir)
+  builder = _prepared_builder(name, data_cfg.data_dir)
   features = dict(builder.info.features)
   if not ((isinstance(features.get('image'), tfds.features.Image)
            or isinstance(features.get('video'), tfds.features.Video))
@@ -180,7 +180,7 @@ def _builder(data_cfg):
         f'it has {features}.')
   return builder
 
-def prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def _prepared_builder(name, data_dir):
   """The prepared tfds builder `name` ('name[/config][:version]'), building only the
   embedded datasets offline; else a UserError saying how to prepare it."""
   try:

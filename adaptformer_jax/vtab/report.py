@@ -36,14 +36,18 @@ def reference_rows() -> dict[str, dict[str, float]]:
           for m, row in references.V_PETL.items()}
 
 
+def _load(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
 def collect(root: str) -> dict:
   """Every finished run under `root`, per task: seeds, mean, std, the chosen point."""
   protocol_path = os.path.join(root, 'protocol.json')
-  protocol = json.load(open(protocol_path)) if os.path.exists(protocol_path) else {}
+  protocol = _load(protocol_path) if os.path.exists(protocol_path) else {}
   per_task = {}
   for t in tasks.TASKS:
-    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(root, t.name, '*',
-                                                                     'result.json')))]
+    runs = [_load(p) for p in sorted(glob.glob(os.path.join(root, t.name, '*', 'result.json')))]
     finals = sorted((r for r in runs if r['stage'] == 'final'), key=lambda r: r['seed'])
     if not finals:
       continue
