@@ -23,8 +23,10 @@ def get_config(arg=None):
   # bottleneck 8 (its topN), scale 1.0, LayerNorm in, dropout 0.1
   # (ImageClassification/models/vision_transformer_adaptformer.py); LoRA rank 8 (its
   # 0.29 M parameters); 10 VPT tokens (VPT's per-task lengths vary: set yours).
+  # pre_logits=0: the head sits on the final norm's class token, the representation layer
+  # of the ImageNet-21k file is dropped (vit_jax fine-tuning, timm, V-PETL Bench).
   model = models.preset(
-      backbone, num_classes=0, image_size=224, head='linear', tuning=method,
+      backbone, num_classes=0, image_size=224, head='linear', tuning=method, pre_logits=0,
       adapter=dict(bottleneck=8, scale=1.0, layernorm='in', dropout=0.1, placement='parallel'),
       vpt=dict(num_tokens=10), lora=dict(rank=8, alpha=8.0))
   config = recipes.base(model, 'vtab:cifar', train_split='train800', eval_split='val200',

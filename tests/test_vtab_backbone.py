@@ -1,6 +1,7 @@
 """VTAB's standard backbone: the original ViT-B/16 ImageNet-21k `.npz` (vit_jax layout,
 imagenet21k/ViT-B_16.npz) as preset vit_b16_in21k_orig, against timm's model of the same
 weights (`vit_base_patch16_224.orig_in21k`): its architecture, then a tiny random file."""
+import ml_collections
 import numpy as np
 import pytest
 
@@ -8,6 +9,7 @@ from adaptformer_jax import models
 from adaptformer_jax import pretrained
 from adaptformer_jax.data import preprocess
 from adaptformer_jax.vtab import protocol
+from adaptformer_jax.vtab import runner
 from test_families import IMAGES
 from test_families import TIMM_TINY
 from test_families import TINY
@@ -71,3 +73,13 @@ def test_original_npz_loads_exactly(timm, tmp_path):
   cfg = models.preset('vit_b16_in21k_orig', **{**TINY, 'tuning': 'linear', 'pre_logits': 32})
   variables = pretrained.load(tmp_path / 'ViT-B_16.npz', cfg, init_variables=nan_variables(cfg))
   assert_close(forward(cfg, variables), expected)
+  # configs/vtab.py drops the representation layer (vit_jax fine-tuning, timm, V-PETL):
+  # the runner loads a copy of the file without it, the head then sits on timm's features.
+  plain = models.preset('vit_b16_in21k_orig', **{**TINY, 'tuning': 'linear', 'pre_logits': 0})
+  config = ml_collections.ConfigDict(dict(init_from=str(tmp_path / 'ViT-B_16.npz'), model=plain))
+  stripped = runner.without_pre_logits(config, str(tmp_path))
+  assert stripped == str(tmp_path / runner.BACKBONE)
+  variables = pretrained.load(stripped, plain, init_variables=nan_variables(plain))
+  assert_close(forward(plain, variables), features @ arrays['head/kernel'] + arrays['head/bias'])
+  config.model = cfg  # a model with the layer keeps the file as it is
+  assert runner.without_pre_logits(config, str(tmp_path)) == config.init_from

@@ -143,7 +143,8 @@ def task_names(config: ml_collections.ConfigDict, override: str | None = None) -
 def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a report records of the protocol."""
   return dict(method=config.model.tuning, backbone=config.model.name,
-              init_from=config.init_from, normalization=config.data.normalize,
+              init_from=config.init_from, pre_logits=config.model.pre_logits,
+              normalization=config.data.normalize,
               image_size=config.model.image_size, train_pp=config.data.train_pp,
               optimizer=config.optimizer.name, batch_size=config.batch_size,
               num_epochs=config.num_epochs, warmup_epochs=config.warmup_epochs,

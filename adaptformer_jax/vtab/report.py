@@ -86,7 +86,8 @@ def markdown(results: dict) -> str:
   method = p.get('method', '?')
   ref = reference_rows().get(method)
   lines = [f"# VTAB-1k: {method} on {p.get('backbone', '?')}", '',
-           f"Backbone weights: `{p.get('init_from') or '(random init)'}`; normalisation "
+           f"Backbone weights: `{p.get('init_from') or '(random init)'}` (representation layer "
+           f"{'dropped' if not p.get('pre_logits') else 'kept'}); normalisation "
            f"`{p.get('normalization')}`; {p.get('image_size')} px direct resize, no augmentation; "
            f"{p.get('optimizer')} batch {p.get('batch_size')}, {p.get('num_epochs')} epochs "
            f"({p.get('warmup_epochs')} warmup), cosine. Hyperparameters chosen on val200 "

@@ -5,13 +5,16 @@ evaluation); a restarted runner skips finished runs and resumes an interrupted o
 from its latest checkpoint (train.train_and_evaluate). Before any training, every
 dataset that is not prepared is named in one UserError (or skipped with skip_missing).
 """
+import copy
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 
 import ml_collections
+import numpy as np
 
 from adaptformer_jax import files
 from adaptformer_jax import runtime
@@ -21,10 +24,32 @@ from adaptformer_jax.errors import UserError
 from adaptformer_jax.vtab import datasets
 from adaptformer_jax.vtab import protocol
 from adaptformer_jax.vtab import report
+from adaptformer_jax.weights import formats
 
 RESULT = 'result.json'
 PROTOCOL = 'protocol.json'
+BACKBONE = 'backbone_without_pre_logits.npz'
 TRAIN_SIZES = {'train800': 800, 'train800val200': 1000}
+
+
+def without_pre_logits(config: ml_collections.ConfigDict, root: str) -> str:
+  """`config.init_from`, or for a model without a representation layer (model.pre_logits
+  0) and a big_vision/vit_jax .npz that has one, a copy of it in `root` without it: the
+  ImageNet-21k ViT-B/16 file is fine-tuned so by vit_jax (its drop-head variant), timm
+  and V-PETL Bench. The strict loader would refuse the file's extra keys otherwise."""
+  path = config.init_from
+  if not path or config.model.pre_logits or not str(path).endswith('.npz'):
+    return path
+  flat, _ = formats.read(path)
+  kept = {k: v for k, v in flat.items() if not re.match(r'(.*/)?pre_logits/', k)}
+  if len(kept) == len(flat):
+    return path
+  out = os.path.join(root, BACKBONE)
+  if not os.path.exists(out):
+    with open(out + '.tmp', 'wb') as f:
+      np.savez(f, **kept)
+    os.replace(out + '.tmp', out)
+  return out
 
 
 def _steps(cfg: ml_collections.ConfigDict) -> int:
@@ -102,6 +127,8 @@ def run_all(config: ml_collections.ConfigDict, root: str, names: list[str],
   os.makedirs(root, exist_ok=True)
   with workdirs.Lock(root):
     _check_protocol(config, root)
+    config = copy.deepcopy(config)
+    config.init_from = without_pre_logits(config, root)
     plans = {n: protocol.selection_runs(config, n) for n in names}
     count = lambda n: len(plans[n]) + len(config.vtab.seeds)
     steps = lambda n, stage: _steps(protocol.run_config(
