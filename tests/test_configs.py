@@ -23,12 +23,14 @@ from adaptformer_jax import train
 from adaptformer_jax.data import folder
 from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import sources
+from adaptformer_jax.data import vtab
 from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.models import presets
 from adaptformer_jax.models import tuning
 from conftest import make_image_folder
 from conftest import mock_tfds_metadata
 from conftest import shipped_config
+import vtab_mock
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py'))
 EMBEDDED = (data.embedded.NAME, data.glyphs.NAME, moving_digits.NAME)
@@ -135,6 +137,8 @@ def test_config_takes_one_train_step(name, tmp_path, data_dir):
     make_image_folder(str(tmp_path / 'images'), per_class=4, mixed=False)
     config.data.name = f'folder:{tmp_path}/images'
     embedded = True  # nothing to mock
+  elif vtab.is_vtab(config.data.name):  # the official split sizes, so the slices are valid
+    vtab_mock.prepare(str(tmp_path), [vtab.task(config.data.name)])
   elif not embedded:
     mock_tfds_metadata(str(tmp_path), config.data.name, 16,
                        splits=(config.data.train_split, config.data.eval_split))

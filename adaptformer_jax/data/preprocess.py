@@ -22,6 +22,10 @@ NORMALIZE = {
     # The CIFAR recipe of the AdaptFormer notebooks.
     'cifar': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     'none': ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    # [-1, 1]: the Google ViTs (vit_jax, AugReg / big_vision, SigLIP).
+    'inception': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # OpenAI CLIP's (and OpenCLIP's) statistics.
+    'clip': ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 
 

@@ -20,6 +20,7 @@ from adaptformer_jax.data import folder
 from adaptformer_jax.data import glyphs
 from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import video_lists
+from adaptformer_jax.data import vtab
 from adaptformer_jax.errors import UserError
 
 VIDEO_LIST = 'video_list'  # data.name of annotation-list datasets
@@ -41,6 +42,8 @@ def source(data_cfg: ml_collections.ConfigDict) -> Source:
     return _list_source(data_cfg)
   if folder.is_folder(data_cfg.name):
     return _folder_source(data_cfg)
+  if vtab.is_vtab(data_cfg.name):
+    return _vtab_source(data_cfg)
   return _tfds_source(data_cfg)
 
 def model_source(data_cfg: ml_collections.ConfigDict, num_frames: int | None) -> Source:
@@ -136,12 +139,50 @@ def _folder_source(data_cfg):
           count(s, field) for s in tfds.even_splits(split, n=jax.process_count())],
       records=records, decode=folder.decode)
 
+def _vtab_source(data_cfg):
+  """'vtab:<task>': the task's tfds builder, its VTAB-1k split strings (data.train_split
+  and eval_split name one of data/vtab.py SPLITS) and its label transformation."""
+  task = vtab.task(data_cfg.name)
+  builder = _prepared_builder(task.tfds_name, data_cfg.data_dir)
+  vtab.check_sizes(task, {s: builder.info.splits[s].num_examples for s in builder.info.splits})
+  image = builder.info.features['image']
+  label = builder.info.features['label'] if 'label' in builder.info.features else None
+  count = lambda split, field: _count(builder.name, builder.info.splits,
+                                      vtab.tfds_split(task, split, field), field)
+
+  def records(split):
+    ds = builder.as_dataset(split=_process_split(vtab.tfds_split(task, split, 'data split')),
+                            shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: (ex['image'], task.label(ex)))
+
+  return Source(
+      kind='image', class_names=vtab.class_names(task, label and label.names), count=count,
+      process_counts=lambda split, field: [
+          _count(builder.name, builder.info.splits, s, field) for s in tfds.even_splits(
+              vtab.tfds_split(task, split, field), n=jax.process_count())],
+      records=records, decode=lambda encoded: vtab.scaled_image(
+          image.decode_example(encoded), task))
+
 def _process_split(split):
   return tfds.even_splits(split, n=jax.process_count())[jax.process_index()]
 
 def _builder(data_cfg):
-  """The prepared tfds builder of data.name, or a UserError saying what to do."""
-  name, data_dir = str(data_cfg.name), data_cfg.data_dir
+  """The prepared tfds classification builder of data.name, or a UserError saying what to do."""
+  name = str(data_cfg.name)
+  builder = _prepared_builder(name, data_cfg.data_dir)
+  features = dict(builder.info.features)
+  if not ((isinstance(features.get('image'), tfds.features.Image)
+           or isinstance(features.get('video'), tfds.features.Video))
+          and isinstance(features.get('label'), tfds.features.ClassLabel)):
+    raise UserError(
+        f"data.name: {name!r} is not an image or video classification dataset: it "
+        f"needs an 'image' Image or a 'video' Video and a 'label' ClassLabel feature, "
+        f'it has {features}.')
+  return builder
+
+def _prepared_builder(name, data_dir):
+  """The prepared tfds builder `name` ('name[/config][:version]'), building only the
+  embedded datasets offline; else a UserError saying how to prepare it."""
   try:
     dataset, _ = tfds.core.naming.parse_builder_name_kwargs(name)
   except ValueError:
@@ -180,14 +221,6 @@ def _builder(data_cfg):
     logging.info('Building %s offline into %s.', name, builder.data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  features = dict(builder.info.features)
-  if not ((isinstance(features.get('image'), tfds.features.Image)
-           or isinstance(features.get('video'), tfds.features.Video))
-          and isinstance(features.get('label'), tfds.features.ClassLabel)):
-    raise UserError(
-        f"data.name: {name!r} is not an image or video classification dataset: it "
-        f"needs an 'image' Image or a 'video' Video and a 'label' ClassLabel feature, "
-        f'it has {features}.')
   return builder
 
 def _reason(error):

@@ -28,6 +28,8 @@ PRESETS = {
     'vit_s16_augreg': (16, 384, 12, 6, 1536),
     'vit_b16_augreg': (16, 768, 12, 12, 3072),
     'vit_l16_augreg': (16, 1024, 24, 16, 4096),
+    # The original ViT-B/16 ImageNet-21k file (vit_jax imagenet21k/ViT-B_16.npz): VTAB's backbone.
+    'vit_b16_in21k_orig': (16, 768, 12, 12, 3072),
     'vit_s14_dinov2': (14, 384, 12, 6, 1536),
     'vit_b14_dinov2': (14, 768, 12, 12, 3072),
     'vit_l14_dinov2': (14, 1024, 24, 16, 4096),
@@ -50,6 +52,9 @@ PRESETS = {
 _CLIP = dict(ln_pre=True, norm_eps=1e-5)  # torch LayerNorm's eps
 FAMILIES = {
     'augreg': dict(gelu='tanh', posemb_resample='bilinear'),  # big_vision: flax's GELU
+    # vit_jax (Dosovitskiy et al.): flax's GELU, scipy-zoom resampling, and the file's
+    # 768-wide tanh representation layer (pre_logits) before the head.
+    'in21k_orig': dict(gelu='tanh', posemb_resample='bilinear', pre_logits=768),
     'dinov2': dict(layerscale=1e-5),
     'dinov2_reg4': dict(layerscale=1e-5, num_registers=4),
     'clip': dict(_CLIP, gelu='quick'),  # OpenAI CLIP trained with QuickGELU
