@@ -112,6 +112,12 @@ def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
                    layernorm='none', dropout=0.1, placement='parallel', init='lora'),
       vpt=dict(num_tokens=1),  # official --vpt_num default
       lora=dict(rank=8, alpha=8.0),
+      # Official RepAdapter (`RepAdapter` / `set_RepAdapter` defaults): hidden dim 8, 2 groups
+      # in the up projection, scale 1 (its VTAB configs tune it per task); 'block' adapts
+      # the attention's and the MLP's inputs (repblock), 'attn' only the attention's (repattn).
+      repadapter=dict(dim=8, groups=2, scale=1.0, placement='block'),
+      # Official FacT defaults (fact_tt.py/fact_tk.py `set_FacT(dim=8, s=1)`).
+      fact=dict(rank=8, scale=1.0),
       # Regexes over parameter paths that train; empty = the tuning method's.
       trainable=(),
       dtype='float32',  # compute dtype; trainable parameters stay float32

@@ -133,10 +133,13 @@ class Attention(nn.Module):
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
     d = x.shape[-1]
     qkv = nn.Dense(3 * d, use_bias=self.cfg.qkv_bias == 'qkv', dtype=self.dtype,
                    kernel_init=dense_init, name='qkv')(x)
+    fact_update = layers.fact_updates(fact, self.cfg.fact.scale, train)
+    if fact_update:
+      qkv = qkv + jnp.concatenate([fact_update(x, name) for name in 'qkv'], -1)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     if self.cfg.qkv_bias == 'qv':
       q = q + self.param('q_bias', nn.initializers.zeros, (d,)).astype(q.dtype)
@@ -146,8 +149,9 @@ class Attention(nn.Module):
                                self.cfg.lora.alpha, self.dtype)
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(
-        multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad))
+    y = multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad)
+    out = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(y)
+    return out + fact_update(y, 'proj') if fact_update else out
 
 
 class Mlp(nn.Module):
@@ -156,9 +160,12 @@ class Mlp(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(x)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h)
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
+    fact_update = layers.fact_updates(fact, self.cfg.fact.scale, train)
+    h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(
+        x, fact_update and fact_update(x, 'fc1'))
+    out = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h)
+    return out + fact_update(h, 'fc2') if fact_update else out
 
 
 class DenseGelu(nn.Module):
@@ -175,11 +182,13 @@ class DenseGelu(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, shift: jax.Array | None = None) -> jax.Array:
+    """`shift`: added before the GELU (FacT's update of fc1)."""
     kernel = self.param('kernel', dense_init, (x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jax.checkpoint(lambda y, b: GELU[self.gelu](y + b))(x @ kernel, bias)
+    y = x @ kernel if shift is None else x @ kernel + shift
+    return jax.checkpoint(lambda y, b: GELU[self.gelu](y + b))(y, bias)
 
 
 class Block(nn.Module):
@@ -195,10 +204,19 @@ class Block(nn.Module):
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out of the attention
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
+    """`fact`: this block's share of the model-level FacT factors (layers.FacTFactors)."""
+    rep = 'repadapter' in self.methods and self.cfg.repadapter
+    repadapter = lambda where: layers.RepAdapter(rep.dim, rep.groups, rep.scale, self.dtype,
+                                                 name=f'repadapter_{where}')
+    if fact is not None:
+      fact = dict(fact, cores=layers.FacTCores(self.cfg.fact.rank, self.cfg.mlp_dim // x.shape[-1],
+                                               name='fact')(fact.get('cores')))
+    h = layer_norm(self.cfg, self.dtype, 'norm1')(x)
+    if rep:  # official repattn / repblock: before the attention (and the MLP)
+      h = repadapter('attn')(h, train)
     x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.methods, self.pad,
-                                             name='attn')(
-        layer_norm(self.cfg, self.dtype, 'norm1')(x)))
+                                             name='attn')(h, train, fact))
     adapter = None
     if 'adaptformer' in self.methods:
       a = self.cfg.adapter
@@ -206,8 +224,10 @@ class Block(nn.Module):
                                      self.dtype, a.init, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
-    h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, name='mlp')(
-        layer_norm(self.cfg, self.dtype, 'norm2')(x)))
+    h = layer_norm(self.cfg, self.dtype, 'norm2')(x)
+    if rep and rep.placement == 'block':
+      h = repadapter('mlp')(h, train)
+    h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, name='mlp')(h, train, fact))
     if adapter is not None:
       h = h + (adapted if self.cfg.adapter.placement == 'parallel'
                else adapter(h, train))
@@ -346,6 +366,10 @@ class VisionTransformer(nn.Module):
                            (cfg.depth if vpt == 'deep' else 1, n_prompt, cfg.width))
       add_prompts = lambda x, i: jnp.concatenate([tokens(prompts[i:i + 1]), x], 1)
 
+    # FacT: model-level factors shared by all blocks; each block gets its share as an input.
+    kind = next((m[len('fact_'):] for m in methods.methods if m.startswith('fact_')), None)
+    fact = kind and layers.FacTFactors(kind, cfg.fact.rank, cfg.depth, cfg.mlp_dim // cfg.width,
+                                       name='fact')(cfg.width)
     pad = pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # at the end: prompts go in front
     block = Block if cfg.remat == 'none' else nn.remat(
@@ -354,7 +378,7 @@ class VisionTransformer(nn.Module):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
         x = add_prompts(x, i if vpt == 'deep' else 0)
-      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train)
+      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train, fact and fact[i])
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
     x = x[:, :x.shape[1] - pad]

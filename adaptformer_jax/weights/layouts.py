@@ -28,11 +28,18 @@ _TORCH_MODULES = (
     (r'attn_pool\.mlp\.(fc[12])', r'map_head/mlp/\1', 'linear'),
     (r'head(?:\.1)?', 'head/linear', 'linear'),
     (r'head\.0', 'head/bn', 'bn'),
+    # Official RepAdapter (1x1 Conv1d, the up one grouped) and FacT (bias-free Linear) on timm.
+    (r'blocks\.(\d+)\.adapter_(attn|mlp)\.conv_A', r'block\1/repadapter_\2/down', 'conv1x1'),
+    (r'blocks\.(\d+)\.adapter_(attn|mlp)\.conv_B', r'block\1/repadapter_\2/up', 'conv1x1'),
+    (r'FacT([uv])', r'fact/\1', 'linear'),
+    (r'blocks\.(\d+)\.attn\.(q|k|v|proj)_FacTs', r'block\1/fact/\2', 'linear'),
+    (r'blocks\.(\d+)\.mlp\.(fc[12])_FacTs', r'block\1/fact/\2', 'linear'),
 )
 
 _TORCH_PARAMS = {
     'conv': {'weight': 'kernel', 'bias': 'bias'},
     'linear': {'weight': 'kernel', 'bias': 'bias'},
+    'conv1x1': {'weight': 'kernel', 'bias': 'bias'},  # (out, in / groups, 1): a Linear's
     'ln': {'weight': 'scale', 'bias': 'bias'},
     'bn': {'running_mean': 'mean', 'running_var': 'var'},
 }
@@ -45,7 +52,8 @@ _TORCH_LEAVES = ((r'cls_token', 'cls'), (r'pos_embed', 'pos_embedding'),
                  (r'blocks\.(\d+)\.(?:gamma_|ls)([12])(?:\.gamma)?', r'block\1/ls\2'),
                  (r'reg_token|register_tokens', 'registers'),  # timm | DINOv2
                  (r'attn_pool\.latent', 'map_head/probe'),
-                 (r'prompts', 'prompts'))  # stacked from the official `embeddings.N`
+                 (r'prompts', 'prompts'),  # stacked from the official `embeddings.N`
+                 (r'FacT([pc])', r'fact/\1'))  # FacT-TK's shared tensors, same layout
 
 # Pretraining-only parts of MAE / DINOv2 / VideoMAE checkpoints, and BatchNorm's step counter.
 _TORCH_IGNORED = re.compile(
@@ -109,7 +117,8 @@ def convert(path: str, flat: dict[str, np.ndarray],
   if any(k.startswith('visual.') for k in keys):
     flat, ignored = _openclip_to_timm(flat)
     return 'OpenCLIP', _convert_torch(flat), ignored
-  if any(k.startswith(('blocks.', 'patch_embed.')) for k in keys):
+  # FacT-TK's saved file (FacT* + head) has no block key.
+  if any(k.startswith(('blocks.', 'patch_embed.', 'FacT')) for k in keys):
     ignored = sum(bool(_TORCH_IGNORED.fullmatch(k)) for k in keys)
     return 'timm', _convert_torch(flat), {'pretraining-only keys': ignored}
   if any(k.startswith(_ENCODER_PREFIX + 'blocks.') for k in keys):
@@ -207,6 +216,8 @@ def _convert_torch(flat):
       continue
     if kind == 'linear' and value.ndim == 2:
       value = value.T
+    elif kind == 'conv1x1' and value.ndim == 3:
+      value = value[..., 0].T
     elif kind == 'conv' and value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     elif kind == 'conv' and value.ndim == 5:

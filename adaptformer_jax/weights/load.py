@@ -71,19 +71,23 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
   loaded, problems = fit.match(converted, target, grid, model_cfg.posemb_resample, fresh_why)
   missing = sorted(set(target) - set(loaded))
   backbone = [k for k in target if not tuning.FRESH_ON_LOAD.fullmatch(k)]
-  # An adapter export holds no backbone leaf: the backbone comes from init_variables.
-  backbone_elsewhere = layout == 'this project' and not any(k in loaded for k in backbone)
+  # An adapter export, or the method + head file of an official training script
+  # (RepAdapter, FacT), holds no backbone leaf: the backbone comes from init_variables.
+  backbone_elsewhere = not any(k in loaded for k in backbone) and (
+      layout == 'this project' or any(_method_leaf(k) for k in loaded))
   if backbone_elsewhere and not (init_variables is not None and init_has_backbone):
     raise UserError(
-        f'{path} holds no backbone, only adapters and a head (an adapter export): as '
+        f'{path} holds no backbone, only adapters and a head (an adapter export, or the '
+        'method + head file of an official training script): as '
         'config.init_from pass the backbone they were trained on (adapter_config.json '
         "beside it names it); to evaluate or predict with the export, pass its folder as "
         '--adapters (in Python: load the backbone first and pass it as init_variables).')
   mismatched = {k for k, _ in problems['shape mismatches (checkpoint vs model)']}
+  partly = _partly_loaded(model_cfg, loaded, missing)
   problems['missing from the checkpoint'] = [
       (k, f'{k} {tuple(target[k].shape)}') for k in missing
-      if not (k in mismatched or tuning.FRESH_ON_LOAD.fullmatch(k) or k in fresh_why
-              or backbone_elsewhere)]
+      if k not in mismatched and (k in partly or not (
+          tuning.FRESH_ON_LOAD.fullmatch(k) or k in fresh_why or backbone_elsewhere))]
   ignored['unexpected keys (strict=False)'] = len(problems['unexpected in the checkpoint'])
   diagnose.raise_or_warn(path, problems, strict, converted, model_cfg, layout == 'this project')
   integrity.check_values(path, {converted[k][1]: v for k, v in loaded.items()})
@@ -101,6 +105,20 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
             if len(grid) == 2 else '')
   out = {k: np.asarray(loaded[k], target[k].dtype) for k in target}
   return flax.traverse_util.unflatten_dict(out, sep='/')
+
+def _method_leaf(key: str) -> bool:
+  """Whether `key` is a leaf some tuning method adds (not the head)."""
+  return bool(tuning.FRESH_ON_LOAD.fullmatch(key)) and '/head/' not in key
+
+def _partly_loaded(model_cfg, loaded, missing):
+  """The missing leaves of each method of which the checkpoint holds some: a method
+  comes from a checkpoint whole or not at all, never half trained and half fresh."""
+  out = set()
+  for m in tuning.parse(model_cfg.tuning).methods:
+    own = re.compile('params/(' + '|'.join(tuning.METHODS[m].added or ['(?!)']) + ')')
+    if any(own.fullmatch(k) for k in loaded):
+      out.update(k for k in missing if own.fullmatch(k))
+  return out
 
 def _mae_final_norm(path, model_cfg, converted, layout):
   """Whether pool='gap' drops the checkpoint's final norm, as MAE fine-tuning does.
