@@ -12,14 +12,16 @@ import flax.traverse_util
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax import pretrained
-from adaptformer_jax import train
 from adaptformer_jax import jobs
+from adaptformer_jax import train
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.weights import checkpoints
+from adaptformer_jax.weights import exports
 from conftest import IMAGES
 from conftest import tiny_cfg
 from conftest import tiny_run_config
@@ -166,9 +168,9 @@ def test_vit_b16_trains_as_many_parameters_as_the_authors_model(tuning, options,
 
 @pytest.mark.parametrize('tuning,resume', [('repadapter+fact_tk', True), ('fact_tt', False)])
 def test_trains_resumes_bit_exactly_and_exports(tuning, resume, tmp_path, data_dir):
-  """The ordinary loop: the methods' leaves and the head move, nothing else; a run killed
-  after step 2 resumes to the same bits (checked once: resuming knows no method); the
-  export swapped onto the backbone evaluates as the run did."""
+  """The ordinary loop: the methods' leaves and the head move, nothing else; the export
+  holds exactly them. Once (resuming and swapping in know no method): a run killed after
+  step 2 resumes to the same bits, and the export on the backbone evaluates as the run."""
   config = tiny_run_config(tuning, data_dir=data_dir, num_train_steps=4, warmup_steps=1,
                            log_every_steps=2, checkpoint_every_steps=2)
   config.model.update(repadapter=dict(scale=0.5), fact=dict(scale=2.0))
@@ -191,4 +193,7 @@ def test_trains_resumes_bit_exactly_and_exports(tuning, resume, tmp_path, data_d
     assert all(np.asarray(last[k]).tobytes() == np.asarray(again[k]).tobytes() for k in last)
   out = str(tmp_path / 'export')
   jobs.export(config, workdir, out)
-  assert jobs.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result
+  exported = safetensors.numpy.load_file(os.path.join(out, exports.ADAPTER_WEIGHTS))
+  assert set(exported) == {f'params/{k}' for k in last if method(k)}
+  if resume:  # swapping an export in knows no method either: checked once
+    assert jobs.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result

@@ -121,7 +121,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with fused qkv and optional LoRA on q, v.
+  """Multi-head self-attention with fused qkv, optional LoRA on q, v and FacT updates.
 
   `qkv_bias`: 'qkv' one fused bias; 'qv' separate q and v biases and no k bias
   (VideoMAE/BEiT: a k bias cancels in the softmax, so they never learn one);
@@ -155,7 +155,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """fc1 -> GELU (model.gelu) -> fc2."""
+  """fc1 -> GELU (model.gelu) -> fc2, each optionally with FacT's update."""
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
 
@@ -192,8 +192,8 @@ class DenseGelu(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block, optional LayerScale, an optional AdaptMLP branch and
-  LoRA attention.
+  """Pre-LN transformer block, optional LayerScale, an optional AdaptMLP branch, LoRA
+  attention, RepAdapters on the attention's (and MLP's) input, FacT.
 
   The adapter reads the stream after the (LayerScale'd) attention residual and
   adds next to (or acts on) what the MLP branch adds, LayerScale included.
