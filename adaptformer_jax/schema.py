@@ -187,7 +187,10 @@ def _mae(m: dict[str, Any]) -> str | None:
 
 def _repadapter_fact(m: dict[str, Any]) -> str | None:
   """RepAdapter's grouped up projection and FacT's chunked MLP factors need whole shares."""
-  methods = str(m['tuning']).split('+')
+  try:
+    methods = tuning.parse(m['tuning']).methods
+  except ConfigError:  # _tuning reports it
+    return None
   rep = m['repadapter']
   if 'repadapter' in methods and (rep['dim'] % rep['groups'] or m['width'] % rep['groups']):
     return (f"model.repadapter.groups: {rep['groups']} must divide both model.repadapter.dim "
