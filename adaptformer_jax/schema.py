@@ -121,6 +121,9 @@ MODEL = {
     'adapter_plus': {'dim': POSITIVE,
                      'placement': one_of('post', 'pre', 'intermediate', 'parallel'),
                      'drop_path': number(0, 1)},
+    'repadapter': {'dim': POSITIVE, 'groups': POSITIVE, 'scale': number(0, low_open=True),
+                   'placement': one_of('block', 'attn')},
+    'fact': {'rank': POSITIVE, 'scale': number(0, low_open=True)},
     'trainable': regexes, 'dtype': PRECISION, 'frozen_dtype': PRECISION,
     'attention': one_of('auto', 'xla', 'cudnn'),
     'remat': one_of(*vit.REMAT),  # what each block keeps for the backward pass
@@ -187,7 +190,24 @@ def _mae(m: dict[str, Any]) -> str | None:
   return None
 
 
-MODEL_RULES: tuple[Rule, ...] = (_preset, _pool, _image_size, _frames, _heads, _tuning, _mae)
+def _repadapter_fact(m: dict[str, Any]) -> str | None:
+  """RepAdapter's grouped up projection and FacT's chunked MLP factors need whole shares."""
+  try:
+    methods = tuning.parse(m['tuning']).methods
+  except ConfigError:  # _tuning reports it
+    return None
+  rep = m['repadapter']
+  if 'repadapter' in methods and (rep['dim'] % rep['groups'] or m['width'] % rep['groups']):
+    return (f"model.repadapter.groups: {rep['groups']} must divide both model.repadapter.dim "
+            f"({rep['dim']}) and model.width ({m['width']}); the official value is 2")
+  if any(f in methods for f in ('fact_tt', 'fact_tk')) and m['mlp_dim'] % m['width']:
+    return (f"model.tuning: FacT reads the MLP's {m['mlp_dim']} hidden features as chunks of "
+            f"model.width ({m['width']}); use an mlp_dim that is a multiple of the width")
+  return None
+
+
+MODEL_RULES: tuple[Rule, ...] = (_preset, _pool, _image_size, _frames, _heads, _tuning, _mae,
+                                 _repadapter_fact)
 
 DATA = {
     'name': string(), 'data_dir': string(optional=True), 'train_split': string(),

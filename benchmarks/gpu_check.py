@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 
 from adaptformer_jax import models  # noqa: E402
 from adaptformer_jax.errors import described  # noqa: E402
-from adaptformer_jax.models import vit  # noqa: E402
+from adaptformer_jax.models import attention  # noqa: E402
 import machine  # noqa: E402
 import step_profile  # noqa: E402
 import steps  # noqa: E402
@@ -291,8 +291,8 @@ def tokens(cfg: ml_collections.ConfigDict) -> int:
 def attention_used(cfg: ml_collections.ConfigDict) -> str:
   """'xla', 'cudnn' or 'cudnn (padded)': what the blocks' self-attention runs on."""
   n = tokens(cfg)
-  pad = vit.pad_tokens(cfg, cfg.dtype, n)
-  used = vit.attention_implementation(cfg.attention, cfg.dtype, cfg.width // cfg.num_heads,
+  pad = attention.pad_tokens(cfg, cfg.dtype, n)
+  used = attention.attention_implementation(cfg.attention, cfg.dtype, cfg.width // cfg.num_heads,
                                       (n + pad, n + pad))
   return f'{used} (padded)' if pad else used
 

@@ -46,14 +46,36 @@ def merged_and_unmerged_logits(cfg, images):
           plain.apply(backbone, images))
 
 
-@pytest.mark.parametrize('method', ['lora', 'linear', 'full', 'ssf', 'bitfit', 'ssf+lora'])
+# Scales other than 1 (a misplaced scale is invisible at 1); RepAdapter with q/v biases
+# only, 4 groups, before the attention only; RepAdapter folded after FacT's updates.
+OPTIONS = {
+    'repadapter': dict(repadapter=dict(scale=0.7)),
+    'repadapter_attn_qv': dict(tuning='repadapter', qkv_bias='qv',
+                               repadapter=dict(scale=3.0, placement='attn', groups=4)),
+    'fact_tt': dict(fact=dict(scale=2.5)),
+    'fact_tk': dict(fact=dict(scale=0.3, rank=4)),
+    'repadapter+fact_tt': dict(repadapter=dict(scale=0.5), fact=dict(scale=1.5)),
+    # Every fold order at once: LoRA and FacT into kernels, SSF, then RepAdapter.
+    'lora+fact_tk+ssf+repadapter': dict(repadapter=dict(scale=0.5), fact=dict(scale=1.5)),
+}
+
+
+@pytest.mark.parametrize('method', ['lora', 'linear', 'full', 'ssf', 'bitfit', 'ssf+lora',
+                                    *OPTIONS])
 def test_merged_model_is_a_plain_vit_with_the_same_logits(method):
-  cfg = tiny_cfg(tuning=method, num_classes=5)
+  cfg = tiny_cfg(**{'tuning': method, 'num_classes': 5, **OPTIONS.get(method, {})})
   images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
   merged, unmerged, without_method = merged_and_unmerged_logits(cfg, images)
   np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5 * np.abs(unmerged).max())
-  if method in ('lora', 'ssf', 'ssf+lora'):  # the method's contribution is not negligible, so merging mattered
+  if method not in ('linear', 'full', 'bitfit'):  # the method's contribution matters
     assert np.abs(without_method - unmerged).max() > 1e-2 * np.abs(unmerged).max()
+
+
+def test_a_repadapter_bias_without_a_qkv_bias_to_fold_into_is_refused():
+  cfg = tiny_cfg(tuning='repadapter', qkv_bias='none')
+  variables = randomized(models.build(cfg).init(jax.random.key(0), np.zeros((1, 32, 32, 3))))
+  with pytest.raises(ConfigError, match="qkv_bias='none'.*no qkv bias to fold into"):
+    merge.merge_tuning(variables, cfg)
 
 
 @pytest.mark.parametrize('method', sorted(merge.NOT_LINEAR))

@@ -55,7 +55,8 @@ def test_fresh_on_load_is_exactly_what_the_methods_add_and_the_head():
 
 
 def test_every_load_hint_matches_a_parameter_its_method_adds():
-  added = _variable_paths('adaptformer+vpt_deep+lora+ssf+adapter_plus') - _variable_paths('full')
+  plain = _variable_paths('full')
+  added = set().union(*(_variable_paths(m) - plain for m in tuning.METHODS))
   assert tuning.LOAD_HINTS
   for pattern, hint in tuning.LOAD_HINTS:
     assert any(re.fullmatch(pattern, p) for p in added), hint
@@ -223,3 +224,56 @@ def test_ssf_and_adapter_plus_leaves_start_fresh_on_load_with_their_labels():
   labels = {label for p in fresh for pattern, label in tuning.FRESH_LABELS
             if re.fullmatch(pattern, p)}
   assert labels == {'SSF', 'Adapter+', 'head'}
+
+
+# ------------------------------------------------------------ RepAdapter and FacT
+
+
+@pytest.mark.parametrize('spec, labels', [('repadapter+fact_tt', {'RepAdapter', 'FacT', 'head'}),
+                                          ('fact_tk', {'FacT', 'head'})])
+def test_repadapter_and_fact_leaves_start_fresh_labelled_with_their_load_hints(spec, labels):
+  paths = _variable_paths(spec)
+  added = paths - _variable_paths('full')
+  head = {p for p in paths if p.split('/')[1] == 'head'}
+  fresh = {p for p in paths if tuning.FRESH_ON_LOAD.fullmatch(p)}
+  assert added and fresh == added | head
+  found = {p: [label for pattern, label in tuning.FRESH_LABELS if re.fullmatch(pattern, p)]
+           for p in fresh}
+  assert all(len(f) == 1 for f in found.values()) and {f[0] for f in found.values()} == labels
+  for m in tuning.parse(spec).methods:
+    pattern = f'params/{tuning.METHODS[m].added[0]}'
+    assert tuning.METHODS[m].load_hint and any(re.fullmatch(pattern, p) for p in added)
+
+
+def abstract_trained_paths(cfg):
+  params = jax.eval_shape(models.build(cfg).init, jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))['params']
+  flat = flax.traverse_util.flatten_dict(tuning.trainable_mask(params, cfg), sep='/')
+  return {k for k, v in flat.items() if v}
+
+
+def test_repadapter_and_fact_train_their_parameters_and_the_head_only():
+  head = {'head/linear/kernel', 'head/linear/bias'}
+  assert abstract_trained_paths(tiny_cfg(tuning='fact_tk')) == head | {
+      'fact/u/kernel', 'fact/v/kernel', 'fact/p', 'fact/c'}
+  tt = abstract_trained_paths(tiny_cfg(tuning='fact_tt'))
+  assert tt == head | {'fact/u/kernel', 'fact/v/kernel'} | {
+      f'block{i}/fact/{n}/kernel' for i in range(2)
+      for n in ('q', 'k', 'v', 'proj', 'fc1', 'fc2')}
+  rep = abstract_trained_paths(tiny_cfg(tuning='repadapter', repadapter=dict(placement='attn')))
+  assert rep == head | {f'block{i}/repadapter_attn/{l}/{p}' for i in range(2)
+                        for l in ('down', 'up') for p in ('kernel', 'bias')}
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(tuning='fact_tt+fact_tk'), "choose one of 'fact_tt' and 'fact_tk'"),
+    (dict(tuning='repadapter', repadapter=dict(groups=3)),
+     'repadapter.groups: 3 must divide both model.repadapter.dim \\(8\\) and model.width'),
+    (dict(tuning='fact_tk', mlp_dim=48), 'use an mlp_dim that is a multiple of the width'),
+    (dict(tuning='fact_tt', fact=dict(scale=0.0)), 'fact.scale: must be a number > 0'),
+    (dict(tuning='repadapter', repadapter=dict(placement='mlp')),
+     "repadapter.placement: must be one of 'block', 'attn'"),
+])
+def test_repadapter_and_fact_options_are_checked(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    tiny_cfg(**overrides)

@@ -120,6 +120,12 @@ def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       # Official Adapter+ (conf/adapter/adapter_plus.yaml over base_adapter.yaml): dim 8,
       # after the block ('post'), drop_path 0.1 on the adapter branch.
       adapter_plus=dict(dim=8, placement='post', drop_path=0.1),
+      # Official RepAdapter (`RepAdapter` / `set_RepAdapter` defaults): hidden dim 8, 2 groups
+      # in the up projection, scale 1 (its VTAB configs tune it per task); 'block' adapts
+      # the attention's and the MLP's inputs (repblock), 'attn' only the attention's (repattn).
+      repadapter=dict(dim=8, groups=2, scale=1.0, placement='block'),
+      # Official FacT defaults (fact_tt.py/fact_tk.py `set_FacT(dim=8, s=1)`).
+      fact=dict(rank=8, scale=1.0),
       # Regexes over parameter paths that train; empty = the tuning method's.
       trainable=(),
       dtype='float32',  # compute dtype; trainable parameters stay float32
@@ -128,7 +134,7 @@ def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       frozen_dtype='float32',
       # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (fused, NVIDIA
       # GPUs, bf16) or 'auto' (cuDNN where it is known to apply, XLA elsewhere;
-      # vit.attention_implementation; odd token counts carry a pad, vit.pad_tokens).
+      # attention.attention_implementation; odd token counts carry a pad, attention.pad_tokens).
       attention='auto',
       remat='none',  # 'none' | 'block' | 'dots': what each block keeps, see vit.REMAT
   ))

@@ -70,10 +70,24 @@ METHODS = {
         label='Adapter+',
         load_hint="the checkpoint's Adapter+ adapters do not fit: match model.tuning "
                   "('adapter_plus') and model.adapter_plus.dim"),
+    # RepAdapter (Luo et al. 2023) and FacT (Jie & Deng 2023): models/layers.py.
+    'repadapter': Method(
+        (HEAD, r'block\d+/repadapter_(attn|mlp)/.*'),
+        added=(r'block\d+/repadapter_(attn|mlp)/.*',), label='RepAdapter',
+        load_hint="the checkpoint's RepAdapters do not fit: match model.tuning ('repadapter') "
+                  'and model.repadapter (dim, groups, placement)'),
+    'fact_tt': Method(
+        (HEAD, 'fact/.*', r'block\d+/fact/.*'), added=(r'block\d+/fact/.*', 'fact/.*'),
+        label='FacT', load_hint="the checkpoint's FacT-TT cores do not fit: match "
+                                "model.tuning ('fact_tt') and model.fact.rank"),
+    'fact_tk': Method(
+        (HEAD, 'fact/.*'), added=('fact/.*',), label='FacT',
+        load_hint="the checkpoint's FacT factors do not fit: match model.tuning ('fact_tt' "
+                  "or 'fact_tk') and model.fact.rank"),
 }
 
-# Methods that cannot be combined: both own the 'prompts' parameter.
-EXCLUSIVE = (('vpt_shallow', 'vpt_deep'),)
+# Methods that cannot be combined: both own the 'prompts' (the 'fact/...') parameters.
+EXCLUSIVE = (('vpt_shallow', 'vpt_deep'), ('fact_tt', 'fact_tk'))
 
 # Model fields that do not change what exported weights mean (compute dtype, memory
 # policy, train-time dropout, the init of fresh leaves, input size): an adapter

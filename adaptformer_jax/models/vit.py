@@ -7,7 +7,6 @@ other checkpoint families (GELU form, pooling, class token, registers, LayerScal
 pre-norm, qkv biases, pre-logits) are config fields, one ViT for all of them.
 """
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from adaptformer_jax.errors import ConfigError
+from adaptformer_jax.models import attention
 from adaptformer_jax.models import layers
 from adaptformer_jax.models import tuning
 
@@ -42,86 +41,13 @@ REMAT_POLICIES = {
 }
 
 
-def attention_implementation(choice: str, dtype: Any, head_dim: int, lengths: tuple[int, ...] = (),
-                             device: Any = None) -> str:
-  """model.attention -> jax.nn.dot_product_attention's implementation ('xla' | 'cudnn').
-
-  'auto' takes cuDNN's fused (flash) kernel where it is known to apply -- an
-  NVIDIA GPU, bf16/f16 inputs, a head dim that is a multiple of 8 and <= 128,
-  even query and key lengths (`lengths`) -- and XLA's unfused attention
-  everywhere else (CPU, TPU, f32). The even lengths: jax (0.11.2) runs cuDNN
-  attention forward over an odd token count but refuses to differentiate it
-  ("Unsupported sequence length Q 197, KV 197" for ViT-B/16's 197 tokens); the
-  ViT's blocks therefore carry one masked pad token where that makes the count
-  even (`pad_tokens`), and an explicit 'cudnn' pads any other odd lengths per
-  call (`padded_attention`).
-  """
-  device = device or jax.devices()[0]
-  usable = (device.platform == 'gpu' and 'nvidia' in device.device_kind.lower()
-            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128)
-  if choice == 'cudnn' and not usable:
-    raise ConfigError(
-        f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype='bfloat16' and a "
-        f'head dim that is a multiple of 8 up to 128 (here: {device.device_kind}, '
-        f"{jnp.dtype(dtype).name}, {head_dim}); use 'auto' or 'xla'.")
-  even = all(n % 2 == 0 for n in lengths)
-  return 'cudnn' if choice == 'cudnn' or (choice == 'auto' and usable and even) else 'xla'
-
-
-def pad_tokens(cfg: ml_collections.FrozenConfigDict, dtype: Any, tokens: int,
-               device: Any = None) -> int:
-  """Pad tokens (0 or 1) the blocks carry so that their self-attention over `tokens`
-  real ones can run on cuDNN: one where the count is odd and cuDNN would take the
-  even count. Padding the whole stack once costs one token of every layer's work;
-  copying q, k and v to a padded length in every layer costs more (RESULTS.md)."""
-  if tokens % 2 == 0:
-    return 0
-  padded = (tokens + 1, tokens + 1)
-  return int(attention_implementation(cfg.attention, dtype, cfg.width // cfg.num_heads,
-                                      padded, device) == 'cudnn')
-
-
-def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-  """jax.nn.dot_product_attention of (B, N, H, D) inputs with odd lengths padded to even
-  and the padding masked, then cut off."""
-  pad = lambda t: jnp.pad(t, ((0, 0), (0, t.shape[1] % 2), (0, 0), (0, 0)))
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v),
-                                     **valid_lengths(q.shape[0], q.shape[1], k.shape[1]),
-                                     implementation=implementation)
-  return out[:, :q.shape[1]]
-
-
-def valid_lengths(batch: int, queries: int, keys: int) -> dict[str, jax.Array]:
-  """The masks of padded attention: the real query and key counts of every example."""
-  full = lambda n: jnp.full((batch,), n, jnp.int32)
-  return dict(query_seq_lengths=full(queries), key_value_seq_lengths=full(keys))
-
-
 def layer_norm(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype | None,
                name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, name=name)
 
 
-def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                         cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype,
-                         pad: int = 0) -> jax.Array:
-  """Softmax attention of (B, Nq, D) queries over (B, Nk, D) keys/values, per head,
-  with model.attention's implementation. The last `pad` tokens are padding, masked
-  out (their own outputs are never read)."""
-  heads = cfg.num_heads
-  split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
-  lengths = (q.shape[1], k.shape[1])
-  implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads, lengths)
-  if implementation == 'cudnn' and any(n % 2 for n in lengths):
-    return padded_attention(split(q), split(k), split(v), implementation).reshape(q.shape)
-  masks = valid_lengths(q.shape[0], lengths[0] - pad, lengths[1] - pad) if pad else {}
-  return jax.nn.dot_product_attention(split(q), split(k), split(v), **masks,
-                                      implementation=implementation).reshape(q.shape)
-
-
 class Attention(nn.Module):
-  """Multi-head self-attention with fused qkv and optional LoRA on q, v.
+  """Multi-head self-attention with fused qkv, optional LoRA on q, v and FacT updates.
 
   `qkv_bias`: 'qkv' one fused bias; 'qv' separate q and v biases and no k bias
   (VideoMAE/BEiT: a k bias cancels in the softmax, so they never learn one);
@@ -133,10 +59,13 @@ class Attention(nn.Module):
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
     d = x.shape[-1]
     qkv = nn.Dense(3 * d, use_bias=self.cfg.qkv_bias == 'qkv', dtype=self.dtype,
                    kernel_init=dense_init, name='qkv')(x)
+    fact_update = layers.fact_updates(fact, self.cfg.fact.scale, train)
+    if fact_update:
+      qkv = qkv + jnp.concatenate([fact_update(x, name) for name in 'qkv'], -1)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     if self.cfg.qkv_bias == 'qv':
       q = q + self.param('q_bias', nn.initializers.zeros, (d,)).astype(q.dtype)
@@ -148,26 +77,33 @@ class Attention(nn.Module):
       v = v + lora(name='lora_v')(x)
     if 'ssf' in self.methods:
       q, k, v = jnp.split(layers.SSF(name='ssf_qkv')(jnp.concatenate([q, k, v], -1)), 3, -1)
-    return layers.ssf('ssf' in self.methods, 'ssf_out')(
-        nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(
-            multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad)))
+    y = attention.multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad)
+    out = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(y)
+    if fact_update:
+      out = out + fact_update(y, 'proj')
+    return layers.ssf('ssf' in self.methods, 'ssf_out')(out)
 
 
 class Mlp(nn.Module):
-  """fc1 -> GELU (model.gelu) -> fc2; with SSF a scale and shift after each fc."""
+  """fc1 -> GELU (model.gelu) -> fc2; FacT's updates on each fc, SSF's scale and shift
+  after each (with FacT's)."""
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
   methods: tuning.Tuning = tuning.PLAIN
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
+    fact_update = layers.fact_updates(fact, self.cfg.fact.scale, train)
+    shift = fact_update and fact_update(x, 'fc1')
     if 'ssf' in self.methods:  # SSF sits between fc1 and the GELU: no fused DenseGelu
-      h = GELU[self.cfg.gelu](layers.SSF(name='ssf_fc1')(nn.Dense(
-          self.cfg.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)))
+      h = nn.Dense(self.cfg.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
+      h = GELU[self.cfg.gelu](layers.SSF(name='ssf_fc1')(h if shift is None else h + shift))
     else:
-      h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(x)
-    return layers.ssf('ssf' in self.methods, 'ssf_fc2')(
-        nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h))
+      h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(x, shift)
+    out = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h)
+    if fact_update:
+      out = out + fact_update(h, 'fc2')
+    return layers.ssf('ssf' in self.methods, 'ssf_fc2')(out)
 
 
 class DenseGelu(nn.Module):
@@ -184,16 +120,19 @@ class DenseGelu(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, shift: jax.Array | None = None) -> jax.Array:
+    """`shift`: added before the GELU (FacT's update of fc1)."""
     kernel = self.param('kernel', dense_init, (x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jax.checkpoint(lambda y, b: GELU[self.gelu](y + b))(x @ kernel, bias)
+    y = x @ kernel if shift is None else x @ kernel + shift
+    return jax.checkpoint(lambda y, b: GELU[self.gelu](y + b))(y, bias)
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block, optional LayerScale, an optional AdaptMLP branch and
-  LoRA attention; SSF scales and shifts; an Adapter+ branch (model.adapter_plus.placement).
+  """Pre-LN transformer block, optional LayerScale, an optional AdaptMLP branch, LoRA
+  attention, RepAdapters on the attention's (and MLP's) input, FacT, SSF scales and
+  shifts, an Adapter+ branch (model.adapter_plus.placement).
 
   The adapter reads the stream after the (LayerScale'd) attention residual and
   adds next to (or acts on) what the MLP branch adds, LayerScale included.
@@ -204,11 +143,20 @@ class Block(nn.Module):
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out of the attention
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
+    """`fact`: this block's share of the model-level FacT factors (layers.FacTFactors)."""
     ssf = 'ssf' in self.methods
+    rep = 'repadapter' in self.methods and self.cfg.repadapter
+    repadapter = lambda where: layers.RepAdapter(rep.dim, rep.groups, rep.scale, self.dtype,
+                                                 name=f'repadapter_{where}')
+    if fact is not None:
+      fact = dict(fact, cores=layers.FacTCores(self.cfg.fact.rank, self.cfg.mlp_dim // x.shape[-1],
+                                               name='fact')(fact.get('cores')))
+    h = layers.ssf(ssf, 'ssf_norm1')(layer_norm(self.cfg, self.dtype, 'norm1')(x))
+    if rep:  # official repattn / repblock: before the attention (and the MLP)
+      h = repadapter('attn')(h, train)
     x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.methods, self.pad,
-                                             name='attn')(
-        layers.ssf(ssf, 'ssf_norm1')(layer_norm(self.cfg, self.dtype, 'norm1')(x))))
+                                             name='attn')(h, train, fact))
     plus = layers.adapter_plus_at(
         self.cfg.adapter_plus if 'adapter_plus' in self.methods else None, self.dtype, train)
     x = x + plus('pre', x)
@@ -219,8 +167,11 @@ class Block(nn.Module):
                                      self.dtype, a.init, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
+    h = layers.ssf(ssf, 'ssf_norm2')(layer_norm(self.cfg, self.dtype, 'norm2')(x))
+    if rep and rep.placement == 'block':
+      h = repadapter('mlp')(h, train)
     h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, self.methods, name='mlp')(
-        layers.ssf(ssf, 'ssf_norm2')(layer_norm(self.cfg, self.dtype, 'norm2')(x))))
+        h, train, fact))
     h = h + plus('intermediate', h) + plus('parallel', x)
     if adapter is not None:
       h = h + (adapted if self.cfg.adapter.placement == 'parallel'
@@ -249,7 +200,7 @@ class MapHead(nn.Module):
         jnp.broadcast_to(probe, (b, 1, d)).astype(x.dtype))
     k, v = jnp.split(nn.Dense(2 * d, dtype=self.dtype, kernel_init=dense_init,
                               name='kv')(x), 2, axis=-1)
-    y = multi_head_attention(q, k, v, self.cfg, self.dtype)
+    y = attention.multi_head_attention(q, k, v, self.cfg, self.dtype)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(y)
     y = y + Mlp(self.cfg, self.dtype, name='mlp')(layer_norm(self.cfg, self.dtype, 'norm')(y))
     return y[:, 0]
@@ -361,7 +312,11 @@ class VisionTransformer(nn.Module):
                            (cfg.depth if vpt == 'deep' else 1, n_prompt, cfg.width))
       add_prompts = lambda x, i: jnp.concatenate([tokens(prompts[i:i + 1]), x], 1)
 
-    pad = pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
+    # FacT: model-level factors shared by all blocks; each block gets its share as an input.
+    kind = next((m[len('fact_'):] for m in methods.methods if m.startswith('fact_')), None)
+    fact = kind and layers.FacTFactors(kind, cfg.fact.rank, cfg.depth, cfg.mlp_dim // cfg.width,
+                                       name='fact')(cfg.width)
+    pad = attention.pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # at the end: prompts go in front
     block = Block if cfg.remat == 'none' else nn.remat(
         Block, static_argnums=(2,), policy=REMAT_POLICIES[cfg.remat])
@@ -369,7 +324,7 @@ class VisionTransformer(nn.Module):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
         x = add_prompts(x, i if vpt == 'deep' else 0)
-      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train)
+      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train, fact and fact[i])
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
     x = x[:, :x.shape[1] - pad]

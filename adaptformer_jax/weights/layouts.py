@@ -31,11 +31,18 @@ _TORCH_MODULES = (
     # Adapter+ (official vit_adapter.Adapter): bottleneck = [Identity, down, GELU, Identity, up].
     (r'blocks\.(\d+)\.adapter\.bottleneck\.1', r'block\1/adapter_plus/down', 'linear'),
     (r'blocks\.(\d+)\.adapter\.bottleneck\.4', r'block\1/adapter_plus/up', 'linear'),
+    # Official RepAdapter (1x1 Conv1d, the up one grouped) and FacT (bias-free Linear) on timm.
+    (r'blocks\.(\d+)\.adapter_(attn|mlp)\.conv_A', r'block\1/repadapter_\2/down', 'conv1x1'),
+    (r'blocks\.(\d+)\.adapter_(attn|mlp)\.conv_B', r'block\1/repadapter_\2/up', 'conv1x1'),
+    (r'FacT([uv])', r'fact/\1', 'linear'),
+    (r'blocks\.(\d+)\.attn\.(q|k|v|proj)_FacTs', r'block\1/fact/\2', 'linear'),
+    (r'blocks\.(\d+)\.mlp\.(fc[12])_FacTs', r'block\1/fact/\2', 'linear'),
 )
 
 _TORCH_PARAMS = {
     'conv': {'weight': 'kernel', 'bias': 'bias'},
     'linear': {'weight': 'kernel', 'bias': 'bias'},
+    'conv1x1': {'weight': 'kernel', 'bias': 'bias'},  # (out, in / groups, 1): a Linear's
     'ln': {'weight': 'scale', 'bias': 'bias'},
     'bn': {'running_mean': 'mean', 'running_var': 'var'},
 }
@@ -56,7 +63,8 @@ _TORCH_LEAVES = ((r'cls_token', 'cls'), (r'pos_embed', 'pos_embedding'),
                  (r'blocks\.(\d+)\.attn\.ssf_(scale|shift)_1', r'block\1/attn/ssf_qkv/\2'),
                  (r'blocks\.(\d+)\.attn\.ssf_(scale|shift)_2', r'block\1/attn/ssf_out/\2'),
                  (r'blocks\.(\d+)\.mlp\.ssf_(scale|shift)_([12])', r'block\1/mlp/ssf_fc\3/\2'),
-                 (r'ssf_(scale|shift)_1', r'ssf_norm/\1'))  # after the final norm
+                 (r'ssf_(scale|shift)_1', r'ssf_norm/\1'),  # after the final norm
+                 (r'FacT([pc])', r'fact/\1'))  # FacT-TK's shared tensors, same layout
 
 # Pretraining-only parts of MAE / DINOv2 / VideoMAE checkpoints, and BatchNorm's step counter.
 _TORCH_IGNORED = re.compile(
@@ -128,7 +136,8 @@ def convert(path: str, flat: dict[str, np.ndarray],
              if k.startswith(_LIGHTNING_PREFIX)}
     return 'Adapter+ Lightning', _convert_torch(model), {
         'keys outside vit.': len(flat) - len(model)}
-  if any(k.startswith(('blocks.', 'patch_embed.')) for k in keys):
+  # FacT-TK's saved file (FacT* + head) has no block key.
+  if any(k.startswith(('blocks.', 'patch_embed.', 'FacT')) for k in keys):
     ignored = sum(bool(_TORCH_IGNORED.fullmatch(k)) for k in keys)
     return 'timm', _convert_torch(flat), {'pretraining-only keys': ignored}
   if any(k.startswith(_ENCODER_PREFIX + 'blocks.') for k in keys):
@@ -226,6 +235,8 @@ def _convert_torch(flat):
       continue
     if kind == 'linear' and value.ndim == 2:
       value = value.T
+    elif kind == 'conv1x1' and value.ndim == 3:
+      value = value[..., 0].T
     elif kind == 'conv' and value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     elif kind == 'conv' and value.ndim == 5:

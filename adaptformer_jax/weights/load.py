@@ -71,22 +71,24 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
   loaded, problems = fit.match(converted, target, grid, model_cfg.posemb_resample, fresh_why)
   missing = sorted(set(target) - set(loaded))
   backbone = [k for k in target if not tuning.FRESH_ON_LOAD.fullmatch(k)]
-  # An adapter export, or an official method + head file (Adapter+'s Lightning
-  # checkpoint), holds no backbone leaf: the backbone comes from init_variables.
-  backbone_elsewhere = not any(k in converted for k in backbone)
+  # An adapter export, or the method + head file of an official training script (SSF,
+  # Adapter+'s Lightning checkpoint, RepAdapter, FacT), holds no backbone leaf: the
+  # backbone comes from init_variables.
+  backbone_elsewhere = not any(k in converted for k in backbone) and (
+      layout == 'this project' or any(_method_leaf(k) for k in converted))
   if backbone_elsewhere and not (init_variables is not None and init_has_backbone):
     raise UserError(
-        f'{path} holds no backbone, only adapters and a head (an adapter export, or an '
-        "official method + head file such as Adapter+'s): as config.init_from pass the "
-        'backbone they were trained on (for an export, adapter_config.json beside it names '
-        "it); to evaluate or predict with an export, pass its folder as --adapters (in "
-        'Python: load the backbone first and pass it as init_variables).')
+        f'{path} holds no backbone, only adapters and a head (an adapter export, or the '
+        'method + head file of an official training script): as config.init_from pass '
+        'the backbone they were trained on (for an export, adapter_config.json beside it '
+        'names it); to evaluate or predict with an export, pass its folder as --adapters '
+        '(in Python: load the backbone first and pass it as init_variables).')
   mismatched = {k for k, _ in problems['shape mismatches (checkpoint vs model)']}
-  whole = _whole_methods(model_cfg, converted, target)
+  partly = _partly_loaded(model_cfg, loaded, missing)
   problems['missing from the checkpoint'] = [
       (k, f'{k} {tuple(target[k].shape)}') for k in missing
-      if not (k in mismatched or k in fresh_why or (
-          backbone_elsewhere or tuning.FRESH_ON_LOAD.fullmatch(k)) and k not in whole)]
+      if k not in mismatched and (k in partly or not (
+          tuning.FRESH_ON_LOAD.fullmatch(k) or k in fresh_why or backbone_elsewhere))]
   ignored['unexpected keys (strict=False)'] = len(problems['unexpected in the checkpoint'])
   diagnose.raise_or_warn(path, problems, strict, converted, model_cfg, layout == 'this project')
   integrity.check_values(path, {converted[k][1]: v for k, v in loaded.items()})
@@ -105,16 +107,19 @@ def load(path: str | os.PathLike, model_cfg: ml_collections.ConfigDict, *,
   out = {k: np.asarray(loaded[k], target[k].dtype) for k in target}
   return flax.traverse_util.unflatten_dict(out, sep='/')
 
-def _whole_methods(model_cfg, converted, target):
-  """The model's leaves of every tuning method the checkpoint holds a leaf of: it must
-  hold all of them (a method half loaded, half fresh would be silently wrong)."""
-  whole = set()
+def _method_leaf(key: str) -> bool:
+  """Whether `key` is a leaf some tuning method adds (not the head)."""
+  return bool(tuning.FRESH_ON_LOAD.fullmatch(key)) and '/head/' not in key
+
+def _partly_loaded(model_cfg, loaded, missing):
+  """The missing leaves of each method of which the checkpoint holds some: a method
+  comes from a checkpoint whole or not at all, never half trained and half fresh."""
+  out = set()
   for m in tuning.parse(model_cfg.tuning).methods:
-    rules = [re.compile('params/' + r) for r in tuning.METHODS[m].added]
-    ours = lambda k: any(r.fullmatch(k) for r in rules)
-    if any(ours(k) for k in converted):
-      whole |= {k for k in target if ours(k)}
-  return whole
+    own = re.compile('params/(' + '|'.join(tuning.METHODS[m].added or ['(?!)']) + ')')
+    if any(own.fullmatch(k) for k in loaded):
+      out.update(k for k in missing if own.fullmatch(k))
+  return out
 
 def _mae_final_norm(path, model_cfg, converted, layout):
   """Whether pool='gap' drops the checkpoint's final norm, as MAE fine-tuning does.
