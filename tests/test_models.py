@@ -9,7 +9,7 @@ import pytest
 
 from adaptformer_jax import models
 from adaptformer_jax import peft
-from adaptformer_jax.models import attention
+from adaptformer_jax.models import attention as attention_lib
 from adaptformer_jax.models import presets
 from adaptformer_jax.models import vit
 from conftest import shipped_config
@@ -253,14 +253,14 @@ def test_attention_matches_a_plain_softmax_reference(attention, pad):
   cfg = tiny_cfg(attention=attention)
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 17, 32)) for i in range(3))
   real = slice(0, 17 - pad)  # the padding's own outputs are never read
-  got = attention.multi_head_attention(q, k, v, cfg, jnp.float32, pad)
+  got = attention_lib.multi_head_attention(q, k, v, cfg, jnp.float32, pad)
   np.testing.assert_allclose(got[:, real], reference_attention(q, k, v, 2, pad)[:, real],
                              rtol=0, atol=1e-5)
   # bf16 inputs (the reference takes the same rounded values): the outputs are weighted
   # means of v, so their error is a few bf16 roundings of numbers of v's scale. Observed
   # 0.008 (about eps * max|v| / 4); a wrong scale, mask or head split errs by > 0.1.
   q, k, v = (t.astype(jnp.bfloat16) for t in (q, k, v))
-  got = attention.multi_head_attention(q, k, v, cfg, jnp.bfloat16, pad)
+  got = attention_lib.multi_head_attention(q, k, v, cfg, jnp.bfloat16, pad)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.float32(got[:, real]),
                              reference_attention(q, k, v, 2, pad)[:, real],
@@ -275,7 +275,7 @@ def test_auto_attention_is_xla_on_cpu_and_bfloat16_stays_near_float32():
   variables = xla.init(jax.random.key(0), images)
   logits = xla.apply(variables, images)
   if jax.default_backend() == 'cpu':  # no cuDNN: 'auto' is XLA's attention, the same program
-    assert attention.attention_implementation('auto', jnp.bfloat16, 16, (17, 17)) == 'xla'
+    assert attention_lib.attention_implementation('auto', jnp.bfloat16, 16, (17, 17)) == 'xla'
     np.testing.assert_array_equal(auto.apply(variables, images), logits)
   # The bf16 model is the f32 one up to bf16 rounding: within 2 eps of the logits' scale
   # (0.09 here; observed 0.7 eps). The old check, atol 5e-2, was half that scale.
@@ -297,18 +297,18 @@ def test_auto_attention_is_xla_on_cpu_and_bfloat16_stays_near_float32():
 def test_auto_attention_picks_cudnn_only_where_it_applies(platform, kind, dtype, head_dim,
                                                           lengths, expected):
   device = types.SimpleNamespace(platform=platform, device_kind=kind)
-  assert attention.attention_implementation('auto', dtype, head_dim, lengths, device) == expected
-  assert attention.attention_implementation('xla', dtype, head_dim, lengths, device) == 'xla'
+  assert attention_lib.attention_implementation('auto', dtype, head_dim, lengths, device) == expected
+  assert attention_lib.attention_implementation('xla', dtype, head_dim, lengths, device) == 'xla'
 
 
 def test_explicit_cudnn_takes_odd_lengths_padded_and_padding_changes_nothing():
   h100 = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA H100 80GB HBM3')
-  assert attention.attention_implementation('cudnn', 'bfloat16', 64, (197, 197), h100) == 'cudnn'
+  assert attention_lib.attention_implementation('cudnn', 'bfloat16', 64, (197, 197), h100) == 'cudnn'
   # The padding and its masks, run through XLA here (cuDNN needs a GPU): odd query
   # and key lengths give the unpadded attention and its gradients.
   q, k, v = (jax.random.normal(jax.random.key(i), (2, n, 3, 8)) for i, n in enumerate((5, 7, 7)))
   plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla')
-  padded = lambda q, k, v: attention.padded_attention(q, k, v, 'xla')
+  padded = lambda q, k, v: attention_lib.padded_attention(q, k, v, 'xla')
   # One compile each (op-by-op autodiff compiles every primitive: 10 s).
   value_and_grads = lambda f: jax.jit(jax.value_and_grad(lambda *a: (f(*a) ** 2).sum(),
                                                          (0, 1, 2)))
@@ -323,11 +323,11 @@ def test_blocks_carry_one_pad_token_only_where_cudnn_then_takes_the_count():
   h100 = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA H100 80GB HBM3')
   cpu = types.SimpleNamespace(platform='cpu', device_kind='cpu')
   auto = tiny_cfg(dtype='bfloat16', attention='auto')
-  assert attention.pad_tokens(auto, 'bfloat16', 197, h100) == 1  # ViT-B/16: 198 on cuDNN
-  assert attention.pad_tokens(auto, 'bfloat16', 196, h100) == 0
-  assert attention.pad_tokens(auto, 'bfloat16', 197, cpu) == 0
-  assert attention.pad_tokens(auto, 'float32', 197, h100) == 0  # f32: XLA attention, no pad
-  assert attention.pad_tokens(tiny_cfg(dtype='bfloat16', attention='xla'), 'bfloat16', 197, h100) == 0
+  assert attention_lib.pad_tokens(auto, 'bfloat16', 197, h100) == 1  # ViT-B/16: 198 on cuDNN
+  assert attention_lib.pad_tokens(auto, 'bfloat16', 196, h100) == 0
+  assert attention_lib.pad_tokens(auto, 'bfloat16', 197, cpu) == 0
+  assert attention_lib.pad_tokens(auto, 'float32', 197, h100) == 0  # f32: XLA attention, no pad
+  assert attention_lib.pad_tokens(tiny_cfg(dtype='bfloat16', attention='xla'), 'bfloat16', 197, h100) == 0
 
 
 @pytest.mark.parametrize('tuning,tokens', [('adaptformer', 17), ('adaptformer+vpt_deep', 19),
