@@ -341,7 +341,7 @@ def test_a_padded_stack_gives_the_unpadded_logits_and_gradients(monkeypatch, tun
   loss = lambda params: (model.apply({**variables, 'params': params}, images) ** 2).sum()
   want_loss, want = jax.jit(jax.value_and_grad(loss))(variables['params'])
   seen = []
-  monkeypatch.setattr(vit, 'pad_tokens', lambda cfg, dtype, n: seen.append(n) or n % 2)
+  monkeypatch.setattr(attention_lib, 'pad_tokens', lambda cfg, dtype, n: seen.append(n) or n % 2)
   got_loss, got = jax.jit(jax.value_and_grad(loss))(variables['params'])
   assert seen == [tokens]  # odd: one pad token was carried
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
