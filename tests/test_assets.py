@@ -1,33 +1,36 @@
-"""The shipped demo backbone: its bytes match its card, and it still reads glyphs as documented."""
+"""The shipped demo backbones: their bytes match their cards, and they still read glyphs
+(image) and moving digits (video) as documented."""
 import hashlib
 import os
 import re
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from adaptformer_jax import assets
 from adaptformer_jax import models
 from adaptformer_jax import pretrained
 from adaptformer_jax.data import glyphs
+from adaptformer_jax.data import moving_digits
 from adaptformer_jax.data import preprocess
 from conftest import shipped_config
 
-CARD = os.path.splitext(assets.DEMO_BACKBONE)[0] + '.md'
 
-
-def _card(pattern):
-  with open(CARD) as f:
+def _card(pattern, weights=assets.DEMO_BACKBONE):
+  card = os.path.splitext(weights)[0] + '.md'
+  with open(card) as f:
     match = re.search(pattern, f.read())
-  assert match, f'{CARD} has no line matching {pattern!r}'
+  assert match, f'{card} has no line matching {pattern!r}'
   return match.group(1)
 
 
-def test_weights_match_the_hash_on_the_card():
-  with open(assets.DEMO_BACKBONE, 'rb') as f:
+@pytest.mark.parametrize('weights', [assets.DEMO_BACKBONE, assets.VIDEO_BACKBONE])
+def test_weights_match_the_hash_on_the_card(weights):
+  with open(weights, 'rb') as f:
     digest = hashlib.sha256(f.read()).hexdigest()
-  assert digest == _card(r'SHA-256\W*`([0-9a-f]{64})`')
-  assert os.path.getsize(assets.DEMO_BACKBONE) <= 10 * 2**20
+  assert digest == _card(r'SHA-256\W*`([0-9a-f]{64})`', weights)
+  assert os.path.getsize(weights) <= 10 * 2**20
 
 
 def _glyph_images(split, count, image_size):
@@ -61,3 +64,24 @@ def test_backbone_features_tell_glyphs_apart_as_documented():
   nearest = np.argmax(test @ train.T, axis=1)
   top1 = np.mean(train_labels[nearest] == test_labels)
   assert abs(top1 - documented) <= 2 / n_test, (top1, documented)
+
+
+def test_video_backbone_names_the_moving_digit_as_documented():
+  """The shipped video backbone with its own 10-class digit head, on the first test clips
+  of moving_digits/digit (drawn straight from the generator, the demo's eval frames):
+  the card's top-1, on another CPU within a clip or two."""
+  cfg = shipped_config('video_demo', 'backbone')
+  variables = pretrained.load(assets.VIDEO_BACKBONE, cfg.model)  # every leaf, head included
+  count = int(_card(r'first (\d+)\s+test\s+clips', assets.VIDEO_BACKBONE))
+  documented = float(_card(r'first \d+\s+test\s+clips[^:]*: top-1 ([0-9.]+)',
+                           assets.VIDEO_BACKBONE))
+  pp = preprocess.make(cfg.data.eval_pp, image_size=cfg.model.image_size,
+                       normalize=cfg.data.normalize, num_frames=cfg.model.num_frames,
+                       frame_sampling=cfg.data.frame_sampling,
+                       frame_stride=cfg.data.frame_stride, train=False)
+  seed = tf.zeros((2,), tf.int64)
+  clips, labels = zip(*moving_digits.examples('digit', 'test', count))
+  videos = np.stack([pp(tf.constant(video), seed).numpy() for video in clips])
+  logits = models.build(cfg.model).apply(variables, videos, train=False)
+  top1 = np.mean(np.argmax(logits, -1) == np.array(labels))
+  assert abs(top1 - documented) <= 2 / count, (top1, documented)

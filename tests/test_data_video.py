@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from adaptformer_jax import assets
 from adaptformer_jax import data
 from adaptformer_jax import jobs
 from adaptformer_jax import models
@@ -180,11 +181,11 @@ def test_multi_scale_crop_takes_neighbouring_scales_at_fixed_offsets():
   assert len(seen) > 10
 
 
-def test_video_demo_adapts_the_backbone_its_first_command_trains():
+def test_video_demo_adapts_the_shipped_backbone_its_backbone_config_trains():
   backbone, demo = shipped_config('video_demo', 'backbone'), shipped_config('video_demo')
   mismatched = {k for k in demo.model if demo.model[k] != backbone.model[k]}
   assert mismatched == {'tuning', 'num_classes'}
-  assert demo.init_from.endswith(f'/checkpoints/{backbone.num_train_steps}')
+  assert demo.init_from == assets.VIDEO_BACKBONE and not backbone.init_from
   assert (backbone.data.name, demo.data.name) == ('moving_digits/digit',
                                                    'moving_digits/direction')
   assert 'flip' not in demo.data.train_pp  # a flip would swap left and right
@@ -192,6 +193,11 @@ def test_video_demo_adapts_the_backbone_its_first_command_trains():
   assert backbone.data.train_pp == 'resize|shuffle_frames' and demo.data.train_pp == 'resize'
   assert demo.model.tubelet == 1
   assert len(demo.seeds) >= 3 and set(demo.methods) == set(demo.sweep.base_lrs)
+  for method, lr in demo.methods.items():  # chosen on the sweep, never at its grid's edge
+    grid = sorted(demo.sweep.base_lrs[method])
+    assert lr in grid[1:-1], (method, lr, grid)
+  # Scored on the whole test split: one clip is at most 0.1 point.
+  assert demo.data.eval_split == 'test' and moving_digits.NUM_EXAMPLES['test'] >= 1000
 
 
 def test_shuffle_frames_permutes_whole_frames_and_leaves_images_alone():
