@@ -105,12 +105,16 @@ def layer_norm(cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype | None,
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                          cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype,
-                         pad: int = 0) -> jax.Array:
+                         pad: int = 0, keys: jax.Array | None = None) -> jax.Array:
   """Softmax attention of (B, Nq, D) queries over (B, Nk, D) keys/values, per head,
   with model.attention's implementation. The last `pad` tokens are padding, masked
-  out (their own outputs are never read)."""
+  out (their own outputs are never read). `keys` (B, Nk) bool, where given, is the
+  keys each example attends to instead (pad included), on XLA's implementation."""
   heads = cfg.num_heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
+  if keys is not None:
+    return jax.nn.dot_product_attention(split(q), split(k), split(v), mask=keys[:, None, None],
+                                        implementation='xla').reshape(q.shape)
   lengths = (q.shape[1], k.shape[1])
   implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads, lengths)
   if implementation == 'cudnn' and any(n % 2 for n in lengths):
@@ -133,7 +137,7 @@ class Attention(nn.Module):
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, keys: jax.Array | None = None) -> jax.Array:
     d = x.shape[-1]
     qkv = nn.Dense(3 * d, use_bias=self.cfg.qkv_bias == 'qkv', dtype=self.dtype,
                    kernel_init=dense_init, name='qkv')(x)
@@ -147,7 +151,7 @@ class Attention(nn.Module):
       q = q + lora(name='lora_q')(x)
       v = v + lora(name='lora_v')(x)
     return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(
-        multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad))
+        multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad, keys))
 
 
 class Mlp(nn.Module):
@@ -195,10 +199,11 @@ class Block(nn.Module):
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out of the attention
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               keys: jax.Array | None = None) -> jax.Array:
     x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.methods, self.pad,
                                              name='attn')(
-        layer_norm(self.cfg, self.dtype, 'norm1')(x)))
+        layer_norm(self.cfg, self.dtype, 'norm1')(x), keys))
     adapter = None
     if 'adaptformer' in self.methods:
       a = self.cfg.adapter
@@ -311,11 +316,17 @@ class VisionTransformer(nn.Module):
   The tuning method is parsed here, once; the blocks get the parsed `Tuning`. Token
   order: [VPT prompts] [class token] [registers] patches; the position embedding
   covers the class token (when there is one) and the patches.
+
+  `prompt_lengths` (B,) int, optional: how many VPT prompts each example has, the
+  last of the vpt.num_tokens slots; the slots in front are masked out of every
+  attention's keys. One program then serves prompts of several lengths, or none
+  (adaptformer_jax/serve).
   """
   cfg: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False,
+               prompt_lengths: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     methods = tuning.parse(cfg.tuning)
@@ -348,13 +359,17 @@ class VisionTransformer(nn.Module):
 
     pad = pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # at the end: prompts go in front
+    keys = None
+    if vpt and prompt_lengths is not None:
+      slot = jnp.arange(n_prompt + x.shape[1])
+      keys = (slot >= n_prompt - prompt_lengths[:, None]) & (slot < n_prompt + x.shape[1] - pad)
     block = Block if cfg.remat == 'none' else nn.remat(
         Block, static_argnums=(2,), policy=REMAT_POLICIES[cfg.remat])
     for i in range(cfg.depth):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
         x = add_prompts(x, i if vpt == 'deep' else 0)
-      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train)
+      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train, keys)
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
     x = x[:, :x.shape[1] - pad]
