@@ -58,7 +58,9 @@ def read_export(name: str, path: str, config: ml_collections.ConfigDict) -> stac
   tensors = {f'{c}/{k}': v for c in ('params', 'batch_stats') for k, v in
              flax.traverse_util.flatten_dict(swapped.get(c, {}), sep='/').items()
              if isinstance(v, np.ndarray)}
-  return stack.Export(name, path, model, names, tensors)
+  export = stack.Export(name, path, model, names, tensors)
+  stack.check_frozen_untouched(export)
+  return export
 
 
 def _with_model(config: ml_collections.ConfigDict,

@@ -63,7 +63,8 @@ class Export:
 
 
 def check_backbone_fields(export: Export, backbone: ml_collections.ConfigDict) -> None:
-  """Refuses an export whose model differs from the CONFIG's backbone outside TASK_FIELDS."""
+  """Refuses an export whose model differs from the CONFIG's backbone outside TASK_FIELDS
+  (the tensors are not read yet: `check_frozen_untouched` checks them)."""
   skip = lambda k: k.split('.')[0] in TASK_FIELDS or k in tuning.EXPORT_FREE_FIELDS
   mine = flax.traverse_util.flatten_dict(export.model.to_dict(), sep='.')
   theirs = flax.traverse_util.flatten_dict(backbone.to_dict(), sep='.')
@@ -75,13 +76,18 @@ def check_backbone_fields(export: Export, backbone: ml_collections.ConfigDict) -
     raise UserError(f'--adapters {export.name}={export.path} was trained on another backbone '
                     'model (' + '; '.join(diffs) + '); serve it with the config it was '
                     'trained with.')
-  frozen = [k for k in export.tensors if k.startswith('params/')
-            and not tuning.FRESH_ON_LOAD.fullmatch(k)]
-  if 'full' in export.methods or frozen:
+
+
+def check_frozen_untouched(export: Export) -> None:
+  """Refuses an export that holds backbone weights (full fine-tuning, `trainable` rules over
+  the backbone): the server has one frozen copy of them for every task."""
+  frozen = sorted(k for k in export.tensors if k.startswith('params/')
+                  and not tuning.FRESH_ON_LOAD.fullmatch(k))
+  if frozen:
+    shown = ', '.join(frozen[:3]) + (f' and {len(frozen) - 3} more' if len(frozen) > 3 else '')
     raise UserError(f'--adapters {export.name}={export.path} changes the frozen backbone '
-                    f'itself ({", ".join(sorted(frozen)[:3])}{", ..." if len(frozen) > 3 else ""}'
-                    f'; tuning {export.model.tuning!r}): it cannot share one backbone with '
-                    'other tasks. Serve it alone with --mode predict.')
+                    f'itself ({shown}; tuning {export.model.tuning!r}): it cannot share one '
+                    'backbone with other tasks. Serve it alone with --mode predict.')
 
 
 def _json(value: Any) -> Any:
