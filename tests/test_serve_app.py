@@ -182,30 +182,19 @@ def test_concurrent_load_loses_and_mixes_up_nothing(served):
 
 
 def test_the_page_classifies_a_chosen_image_in_headless_chromium(served, tmp_path):
-  from selenium import webdriver  # pylint: disable=g-import-not-at-top
-  from selenium.webdriver.chrome.service import Service  # pylint: disable=g-import-not-at-top
+  import serve_screenshot  # pylint: disable=g-import-not-at-top  # selenium, only here
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
-  from selenium.webdriver.support.ui import Select  # pylint: disable=g-import-not-at-top
-  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
   image = tmp_path / 'upload.png'
   image.write_bytes(served.images[3])
-  options = webdriver.ChromeOptions()
-  options.binary_location = '/usr/bin/chromium'
-  for arg in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
-              '--window-size=900,700'):
-    options.add_argument(arg)
-  driver = webdriver.Chrome(options=options, service=Service('/usr/bin/chromedriver'))
+  driver = serve_screenshot.chromium()
   try:
-    driver.get(f'http://127.0.0.1:{served.port}/')
-    wait = WebDriverWait(driver, 60)
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '#adapter option')) == 4)
-    Select(driver.find_element(By.ID, 'adapter')).select_by_value('colors_vpt')
-    driver.find_element(By.ID, 'file').send_keys(str(image))
-    wait.until(lambda d: 'latency' in d.find_element(By.ID, 'latency').text)
+    serve_screenshot.classify_on_page(driver, f'http://127.0.0.1:{served.port}/', 'colors_vpt',
+                                      str(image), adapters=len(served.dirs))
+    assert driver.find_element(By.ID, 'error').text == ''
     labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '.row .label')]
     probs = [float(e.text) for e in driver.find_elements(By.CSS_SELECTOR, '.row .prob')]
     widths = [e.size['width'] for e in driver.find_elements(By.CSS_SELECTOR, '.row .bar')]
-    assert driver.find_element(By.ID, 'error').text == ''
+    assert 'ms' in driver.find_element(By.ID, 'latency').text
   finally:
     driver.quit()
   _, body = served.post('colors_vpt', [('upload.png', served.images[3])], top_k=5)

@@ -10,6 +10,7 @@ until it is ready /healthz and /v1/predict answer 503.
 """
 import asyncio
 import contextlib
+from collections.abc import Callable
 import dataclasses
 import importlib.resources
 import logging
@@ -43,13 +44,14 @@ class _BodyTooLarge(Exception):
 
 
 def error(status: int, message: str) -> responses.JSONResponse:
+  """The one shape of every refusal: {"error": message}."""
   return responses.JSONResponse({'error': message}, status_code=status)
 
 
 class BodyLimit:
   """ASGI middleware: a body over `limit` bytes gets 413 before it is read whole."""
 
-  def __init__(self, app, limit: int):
+  def __init__(self, app: Callable, limit: int):
     self.app, self.limit = app, limit
 
   async def __call__(self, scope, receive, send):
@@ -73,8 +75,8 @@ class BodyLimit:
     return await self.app(scope, counted, send)
 
 
-def create(model: multi.MultiAdapter, preprocess, limits: Limits, max_batch: int,
-           max_wait_s: float) -> fastapi.FastAPI:
+def create(model: multi.MultiAdapter, preprocess: Callable[[np.ndarray], np.ndarray],
+           limits: Limits, max_batch: int, max_wait_s: float) -> fastapi.FastAPI:
   """The app; `preprocess(uint8 (H, W, 3)) -> float32 model input`."""
   batcher = batching.Batcher(model.probabilities, max_batch, max_wait_s)
   ready = asyncio.Event()
@@ -173,5 +175,6 @@ def create(model: multi.MultiAdapter, preprocess, limits: Limits, max_batch: int
   return app
 
 
-def _model_input(content: bytes, name: str, max_pixels: int, preprocess) -> np.ndarray:
+def _model_input(content: bytes, name: str, max_pixels: int,
+                 preprocess: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
   return preprocess(images_lib.decode(content, name, max_pixels))

@@ -18,7 +18,6 @@ method or a larger size compiles once per batch size.
 """
 import copy
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -147,7 +146,3 @@ def parse_adapters(specs: Sequence[str]) -> list[tuple[str, str]]:
     out.append((name, path))
   return out
 
-
-def adapters_json(model: MultiAdapter) -> str:
-  """The /v1/adapters body."""
-  return json.dumps({'adapters': model.describe()})
