@@ -45,7 +45,7 @@ def main() -> None:
   parser.add_argument('--image', required=True)
   parser.add_argument('--out', default='docs/serving_page.png')
   args = parser.parse_args()
-  driver = chromium(760, 560)
+  driver = chromium(760, 720)
   try:
     classify_on_page(driver, f'http://127.0.0.1:{args.port}/', args.adapter, args.image,
                      args.adapters)

@@ -52,9 +52,9 @@ def serve() -> None:
                           max_pixels=MAX_PIXELS.value, max_images=max_images)
   web = app_lib.create(model, images.preprocessor(config.data, config.model.image_size),
                        limits, MAX_BATCH.value, MAX_WAIT_MS.value / 1000)
-  for e in model.exports:
+  for e, described in zip(model.exports, model.describe()):
     print(f'adapter {e.name}: {e.model.tuning}, {len(e.class_names)} classes, '
-          f'{e.trainable_params:,} parameters ({e.path})', flush=True)
+          f'{described["trainable_params"]:,} parameters ({e.path})', flush=True)
   # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a
   # handler that ignores it lets the process end with status 0.
   for signum in (signal.SIGTERM, signal.SIGINT):

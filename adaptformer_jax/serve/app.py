@@ -82,6 +82,7 @@ def create(model: multi.MultiAdapter, preprocess: Callable[[np.ndarray], np.ndar
   ready = asyncio.Event()
 
   async def compile_all():
+    await run_in_threadpool(preprocess, np.zeros((8, 8, 3), np.uint8))  # traces its graph
     for size in batcher.sizes:
       await run_in_threadpool(model.compile, size)
     ready.set()

@@ -17,6 +17,7 @@ shapes and slot capacity reuses the compiled programs (no recompile), while a ne
 method or a larger size compiles once per batch size.
 """
 import copy
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -91,14 +92,17 @@ class MultiAdapter:
             flax.traverse_util.flatten_dict(variables[c], sep='/').items()}
     self.backbone = jax.device_put({k: v for k, v in flat.items() if k not in leaves})
     self.stacked = jax.device_put(stack.stack(self.exports, leaves, capacity))
+    self._described = [{'name': e.name, 'method': e.model.tuning, 'classes': list(e.class_names),
+                        'trainable_params': e.trainable_params} for e in self.exports]
+    # The slots hold the values now: drop the host copies (the server holds each adapter once).
+    self.exports = [dataclasses.replace(e, tensors={}) for e in self.exports]
     self.prompt_lengths = jnp.asarray(stack.prompt_lengths(self.exports, capacity))
     self.class_counts = jnp.asarray(stack.class_counts(self.exports, capacity))
     self.image_shape = (config.model.image_size, config.model.image_size, 3)
 
   def describe(self) -> list[dict[str, Any]]:
     """[{name, method, classes, trainable_params}] of the adapters, in slot order."""
-    return [{'name': e.name, 'method': e.model.tuning, 'classes': list(e.class_names),
-             'trainable_params': e.trainable_params} for e in self.exports]
+    return self._described
 
   def probabilities(self, images: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """(B, max classes) softmax of each preprocessed image (B, H, W, 3) float32 through
