@@ -138,7 +138,11 @@ def create(model: multi.MultiAdapter, preprocess: Callable[[np.ndarray], np.ndar
   async def predict(request: fastapi.Request):
     if not ready.is_set():
       return error(503, 'compiling the program; retry shortly.')
-    form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_images + 8)
+    async with request.form(max_files=limits.max_images + 1,
+                            max_fields=limits.max_images + 8) as form:  # closes spooled files
+      return await classify(form)
+
+  async def classify(form: starlette.datastructures.FormData):
     name = form.get('adapter')
     if not isinstance(name, str) or not name:
       return error(400, "missing form field 'adapter' (the name of an adapter; GET "
