@@ -149,7 +149,7 @@ def main() -> None:
   config = backbone_config(args.preset, args.image_size)
   print(f'{args.preset} at {args.image_size} px, random backbone, float32, batch 64')
   with tempfile.TemporaryDirectory() as root:
-    for name in args.sets.split(','):
+    for name in filter(None, args.sets.split(',')):
       print(f'set {name!r}: ' + ', '.join(f'{t}({c})' for t, c, _ in SETS[name]))
       throughput(config, SETS[name], root, args.repeats)
     if args.memory:
