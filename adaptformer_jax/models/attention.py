@@ -67,12 +67,16 @@ def valid_lengths(batch: int, queries: int, keys: int) -> dict[str, jax.Array]:
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                          cfg: ml_collections.FrozenConfigDict, dtype: jnp.dtype,
-                         pad: int = 0) -> jax.Array:
+                         pad: int = 0, keys: jax.Array | None = None) -> jax.Array:
   """Softmax attention of (B, Nq, D) queries over (B, Nk, D) keys/values, per head,
   with model.attention's implementation. The last `pad` tokens are padding, masked
-  out (their own outputs are never read)."""
+  out (their own outputs are never read). `keys` (B, Nk) bool, where given, is the
+  keys each example attends to instead (pad included), on XLA's implementation."""
   heads = cfg.num_heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1)
+  if keys is not None:
+    return jax.nn.dot_product_attention(split(q), split(k), split(v), mask=keys[:, None, None],
+                                        implementation='xla').reshape(q.shape)
   lengths = (q.shape[1], k.shape[1])
   implementation = attention_implementation(cfg.attention, dtype, q.shape[-1] // heads, lengths)
   if implementation == 'cudnn' and any(n % 2 for n in lengths):

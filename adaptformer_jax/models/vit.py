@@ -59,7 +59,10 @@ class Attention(nn.Module):
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None,
+               keys: jax.Array | None = None) -> jax.Array:
+    """`keys` (B, N) bool: the keys each example attends to (`VisionTransformer`'s
+    prompt_lengths); None: all but the pad."""
     d = x.shape[-1]
     qkv = nn.Dense(3 * d, use_bias=self.cfg.qkv_bias == 'qkv', dtype=self.dtype,
                    kernel_init=dense_init, name='qkv')(x)
@@ -77,7 +80,7 @@ class Attention(nn.Module):
       v = v + lora(name='lora_v')(x)
     if 'ssf' in self.methods:
       q, k, v = jnp.split(layers.SSF(name='ssf_qkv')(jnp.concatenate([q, k, v], -1)), 3, -1)
-    y = attention.multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad)
+    y = attention.multi_head_attention(q, k, v, self.cfg, self.dtype, self.pad, keys)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(y)
     if fact_update:
       out = out + fact_update(y, 'proj')
@@ -143,8 +146,10 @@ class Block(nn.Module):
   pad: int = 0  # trailing pad tokens (`pad_tokens`), masked out of the attention
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
-    """`fact`: this block's share of the model-level FacT factors (layers.FacTFactors)."""
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None,
+               keys: jax.Array | None = None) -> jax.Array:
+    """`fact`: this block's share of the model-level FacT factors (layers.FacTFactors);
+    `keys`: the keys each example attends to (Attention)."""
     ssf = 'ssf' in self.methods
     rep = 'repadapter' in self.methods and self.cfg.repadapter
     repadapter = lambda where: layers.RepAdapter(rep.dim, rep.groups, rep.scale, self.dtype,
@@ -156,7 +161,7 @@ class Block(nn.Module):
     if rep:  # official repattn / repblock: before the attention (and the MLP)
       h = repadapter('attn')(h, train)
     x = x + self.layerscale('ls1', Attention(self.cfg, self.dtype, self.methods, self.pad,
-                                             name='attn')(h, train, fact))
+                                             name='attn')(h, train, fact, keys))
     plus = layers.adapter_plus_at(
         self.cfg.adapter_plus if 'adapter_plus' in self.methods else None, self.dtype, train)
     x = x + plus('pre', x)
@@ -276,11 +281,17 @@ class VisionTransformer(nn.Module):
   The tuning method is parsed here, once; the blocks get the parsed `Tuning`. Token
   order: [VPT prompts] [class token] [registers] patches; the position embedding
   covers the class token (when there is one) and the patches.
+
+  `prompt_lengths` (B,) int, optional: how many VPT prompts each example has, the
+  last of the vpt.num_tokens slots; the slots in front are masked out of every
+  attention's keys. One program then serves prompts of several lengths, or none
+  (adaptformer_jax/serve).
   """
   cfg: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False,
+               prompt_lengths: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     methods = tuning.parse(cfg.tuning)
@@ -318,13 +329,17 @@ class VisionTransformer(nn.Module):
                                        name='fact')(cfg.width)
     pad = attention.pad_tokens(cfg, dtype, x.shape[1] + (n_prompt if vpt else 0))
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # at the end: prompts go in front
+    keys = None
+    if vpt and prompt_lengths is not None:
+      slot = jnp.arange(n_prompt + x.shape[1])
+      keys = (slot >= n_prompt - prompt_lengths[:, None]) & (slot < n_prompt + x.shape[1] - pad)
     block = Block if cfg.remat == 'none' else nn.remat(
         Block, static_argnums=(2,), policy=REMAT_POLICIES[cfg.remat])
     for i in range(cfg.depth):
       # Official VPT-deep: fresh prompts prepended before every block, dropped after it.
       if vpt == 'deep' or (vpt == 'shallow' and i == 0):
         x = add_prompts(x, i if vpt == 'deep' else 0)
-      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train, fact and fact[i])
+      x = block(cfg, dtype, methods, pad, name=f'block{i}')(x, train, fact and fact[i], keys)
       if vpt == 'deep' or (vpt == 'shallow' and i == cfg.depth - 1):
         x = x[:, n_prompt:]
     x = x[:, :x.shape[1] - pad]
