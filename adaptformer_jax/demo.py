@@ -25,6 +25,8 @@ from ml_collections import config_flags
 from adaptformer_jax import cli
 from adaptformer_jax import runtime
 from adaptformer_jax import train
+from adaptformer_jax.errors import UserError
+from adaptformer_jax.models import tuning
 
 
 def method_config(config: ml_collections.ConfigDict, method: str, seed: int,
@@ -37,6 +39,33 @@ def method_config(config: ml_collections.ConfigDict, method: str, seed: int,
   cfg.optimizer.base_lr = config.methods[method] if base_lr is None else base_lr
   cfg.seed = seed
   return cfg
+
+
+def choose_methods(config: ml_collections.ConfigDict,
+                   spec: list[str] | None) -> ml_collections.ConfigDict:
+  """`config` with the methods of `--methods NAME[=LR],...` (any tuning method, or a
+  combination) in place of config.methods; a name without a rate takes the config's."""
+  if not spec:
+    return config
+  rates = {}
+  for item in spec:
+    name, _, rate = item.partition('=')
+    tuning.parse(name)  # a ConfigError naming an unknown method
+    if rate:
+      try:
+        rates[name] = float(rate)
+      except ValueError:
+        raise UserError(f'--methods {item}: {rate!r} is not a learning rate; write '
+                        f'{name}=0.1.') from None
+    elif name in config.methods:
+      rates[name] = config.methods[name]
+    else:
+      raise UserError(f'--methods {name}: the config has no learning rate for it (it has '
+                      f"{', '.join(config.methods)}); give one, e.g. --methods {name}=0.1.")
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.methods = ml_collections.ConfigDict(rates)
+  return config
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str) -> float:
@@ -106,7 +135,7 @@ def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   job = sweep if SWEEP.value else run
-  cli.run(lambda: job(cli.loaded_config(CONFIG), WORKDIR.value))
+  cli.run(lambda: job(choose_methods(cli.loaded_config(CONFIG), METHODS.value), WORKDIR.value))
 
 
 if __name__ == '__main__':
@@ -121,6 +150,9 @@ if __name__ == '__main__':
     cli.unknown_field(e)
   WORKDIR = flags.DEFINE_string('workdir', 'runs/demo',
                                 'Directory for the runs and summary.json (sweep.json).')
+  METHODS = flags.DEFINE_list(
+      'methods', None, 'NAME[=LR],...: run these tuning methods (any, e.g. ssf,fact_tt=0.5) '
+      'instead of the config\'s; a name without a rate takes the config\'s rate.')
   SWEEP = flags.DEFINE_bool('sweep', False, "Pick each method's learning rate on a "
                             'validation split carved from the training data (config.sweep) '
                             'instead of running the table.')

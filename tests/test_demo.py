@@ -11,6 +11,8 @@ import pytest
 from adaptformer_jax import assets
 from adaptformer_jax import demo
 from adaptformer_jax import train
+from adaptformer_jax.errors import ConfigError
+from adaptformer_jax.errors import UserError
 from conftest import shipped_config
 
 
@@ -86,3 +88,18 @@ def test_an_unknown_override_of_the_default_config_is_one_error_line():
   assert result.stderr.splitlines() == [
       'error: unknown config field \'seedz\' in a --config.* override (Did you mean "seed" '
       'instead of "seedz"?); see the config file for the fields it has.']
+
+
+def test_methods_flag_picks_any_method_with_the_configs_rate_or_its_own():
+  config = shipped_config('demo')
+  chosen = demo.choose_methods(config, ['adaptformer', 'ssf=0.25', 'fact_tt+lora=0.5'])
+  assert dict(chosen.methods) == {'adaptformer': config.methods.adaptformer, 'ssf': 0.25,
+                                  'fact_tt+lora': 0.5}
+  assert demo.method_config(chosen, 'ssf', seed=0).model.tuning == 'ssf'
+  assert demo.choose_methods(config, None) is config
+  with pytest.raises(UserError, match='no learning rate for it .*--methods repadapter=0.1'):
+    demo.choose_methods(config, ['repadapter'])
+  with pytest.raises(UserError, match="'fast' is not a learning rate"):
+    demo.choose_methods(config, ['ssf=fast'])
+  with pytest.raises(ConfigError, match="unknown method 'sff'"):
+    demo.choose_methods(config, ['sff=0.1'])
