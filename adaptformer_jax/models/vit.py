@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from adaptformer_jax.errors import ConfigError
+from adaptformer_jax.models import kernels
 from adaptformer_jax.models import layers
 from adaptformer_jax.models import tuning
 
@@ -151,13 +152,16 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """fc1 -> GELU (model.gelu) -> fc2."""
+  """norm -> fc1 -> GELU (model.gelu) -> fc2; model.kernels='pallas' runs the branch as
+  fused kernels (kernels.py) with the same parameters, `norm`'s included."""
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(x)
+  def __call__(self, x: jax.Array, norm: nn.LayerNorm) -> jax.Array:
+    if self.cfg.kernels == 'pallas':
+      return kernels.fused_mlp(x, norm, self.cfg.mlp_dim, self.cfg.gelu, self.dtype, dense_init)
+    h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(norm(x))
     return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h)
 
 
@@ -207,7 +211,7 @@ class Block(nn.Module):
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
     h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, name='mlp')(
-        layer_norm(self.cfg, self.dtype, 'norm2')(x)))
+        x, layer_norm(self.cfg, self.dtype, 'norm2')))
     if adapter is not None:
       h = h + (adapted if self.cfg.adapter.placement == 'parallel'
                else adapter(h, train))
@@ -237,7 +241,7 @@ class MapHead(nn.Module):
                               name='kv')(x), 2, axis=-1)
     y = multi_head_attention(q, k, v, self.cfg, self.dtype)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(y)
-    y = y + Mlp(self.cfg, self.dtype, name='mlp')(layer_norm(self.cfg, self.dtype, 'norm')(y))
+    y = y + Mlp(self.cfg, self.dtype, name='mlp')(y, layer_norm(self.cfg, self.dtype, 'norm'))
     return y[:, 0]
 
 
