@@ -21,6 +21,7 @@ from adaptformer_jax.models import kernels
 from adaptformer_jax.models import vit
 
 EPS = 1e-6
+# kernels.Tiles fields (rows, cols, depth, warps, stages): its default first.
 TILINGS = ((128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 3), (128, 256, 64, 8, 3))
 
 

@@ -138,8 +138,8 @@ def _norm_fc1_kernel(x_ref, mean_ref, rstd_ref, scale_ref, shift_ref, w_ref, b_r
   """One (rows, cols) tile of h = LN(x) @ w + b and y = gelu(h); x is normalised chunk
   by chunk as it is loaded, so LN(x) is never written."""
   (m, k), n = x_ref.shape, w_ref.shape[1]
-  rows, row_ok = _tile(pl.program_id(0), tiles.rows, m)
-  cols, col_ok = _tile(pl.program_id(1), tiles.cols, n)
+  rows, row_ok = _tile(pl.program_id(1), tiles.rows, m)
+  cols, col_ok = _tile(pl.program_id(0), tiles.cols, n)
   mean = plgpu.load(mean_ref.at[rows], mask=row_ok, other=0.0)[:, None]
   rstd = plgpu.load(rstd_ref.at[rows], mask=row_ok, other=0.0)[:, None]
 
@@ -165,8 +165,8 @@ def _gelu_input_grad_kernel(dz_ref, w_ref, h_ref, dh_ref, *, tiles: Tiles, gelu:
   """One (rows, cols) tile of dh = (dz @ w^T) * gelu'(h): fc2's input gradient with the
   GELU's derivative applied before it is written."""
   (m, k), n = dz_ref.shape, w_ref.shape[0]
-  rows, row_ok = _tile(pl.program_id(0), tiles.rows, m)
-  cols, col_ok = _tile(pl.program_id(1), tiles.cols, n)
+  rows, row_ok = _tile(pl.program_id(1), tiles.rows, m)
+  cols, col_ok = _tile(pl.program_id(0), tiles.cols, n)
 
   def step(s, acc):
     depth, ok = _tile(s, tiles.depth, k)
@@ -193,10 +193,13 @@ class Plan:
 
 def _launch(kernel: Callable[..., None], plan: Plan, out_shape: Any, rows: int, cols: int,
             *args: jax.Array) -> Any:
+  """`kernel` over (column tiles, row tiles): the column tiles vary fastest, so the tiles
+  running at once share their rows (read from memory about once) and sweep the weights,
+  which stay in L2 (ViT-B/16's fc1 4.7 MB; x at batch 128 is 39 MB)."""
   t = plan.tiles
   return pl.pallas_call(
       functools.partial(kernel, tiles=t, gelu=plan.gelu), out_shape=out_shape,
-      grid=(pl.cdiv(rows, t.rows), pl.cdiv(cols, t.cols)), interpret=plan.interpret,
+      grid=(pl.cdiv(cols, t.cols), pl.cdiv(rows, t.rows)), interpret=plan.interpret,
       compiler_params=plgpu.CompilerParams(num_warps=t.warps, num_stages=t.stages),
       name=kernel.__name__.strip('_'))(*args)
 
