@@ -14,7 +14,6 @@ import ml_collections
 
 from adaptformer_jax.data import views
 from adaptformer_jax.errors import ConfigError
-from adaptformer_jax.models import kernels
 from adaptformer_jax.models import presets
 from adaptformer_jax.models import tuning
 from adaptformer_jax.models import vit
@@ -119,7 +118,7 @@ MODEL = {
     'lora': {'rank': POSITIVE, 'alpha': number(0, low_open=True)},
     'trainable': regexes, 'dtype': PRECISION, 'frozen_dtype': PRECISION,
     'attention': one_of('auto', 'xla', 'cudnn'),
-    'kernels': one_of(*kernels.KERNELS),  # the MLP branch: XLA's ops or fused Pallas kernels
+    'kernels': one_of('xla', 'pallas'),  # the MLP branch: XLA's ops or fused Pallas kernels
     'remat': one_of(*vit.REMAT),  # what each block keeps for the backward pass
     # Masked-autoencoder pre-training (models.mae).
     'mae': OptionalSection({'mask_ratio': number(0, 1, low_open=True),

@@ -32,8 +32,6 @@ import jax.numpy as jnp
 
 from adaptformer_jax.errors import ConfigError
 
-KERNELS = ('xla', 'pallas')  # model.kernels
-
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:

@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 
 from adaptformer_jax.errors import ConfigError
-from adaptformer_jax.models import kernels
 from adaptformer_jax.models import layers
 from adaptformer_jax.models import tuning
 
@@ -159,7 +158,8 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, norm: nn.LayerNorm) -> jax.Array:
-    if self.cfg.kernels == 'pallas':
+    if self.cfg.kernels == 'pallas':  # Pallas loads (~1 s) only where it is asked for
+      from adaptformer_jax.models import kernels  # pylint: disable=g-import-not-at-top
       return kernels.fused_mlp(x, norm, self.cfg.mlp_dim, self.cfg.gelu, self.dtype, dense_init)
     h = DenseGelu(self.cfg.mlp_dim, self.cfg.gelu, self.dtype, name='fc1')(norm(x))
     return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name='fc2')(h)
