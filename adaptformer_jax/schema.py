@@ -126,6 +126,7 @@ MODEL = {
     'fact': {'rank': POSITIVE, 'scale': number(0, low_open=True)},
     'trainable': regexes, 'dtype': PRECISION, 'frozen_dtype': PRECISION,
     'attention': one_of('auto', 'xla', 'cudnn'),
+    'kernels': one_of('xla', 'pallas'),  # the MLP branch: XLA's ops or fused Pallas kernels
     'remat': one_of(*vit.REMAT),  # what each block keeps for the backward pass
     # Masked-autoencoder pre-training (models.mae).
     'mae': OptionalSection({'mask_ratio': number(0, 1, low_open=True),

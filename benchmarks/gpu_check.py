@@ -1,7 +1,7 @@
 """One command for the first GPU that comes: step time, MFU, memory, PyTorch, max batch, input rate.
 
 Made to run inside a few lent minutes (about 8 on one H100, compiles included),
-and to keep what it measured when it is cut off. Six parts run one after the
+and to keep what it measured when it is cut off. Its parts run one after the
 other, each in its own process with a share of --budget_s (--parts picks some):
 
   flops    FLOPs of every step below, from XLA's cost analysis on the CPU.
@@ -13,11 +13,19 @@ other, each in its own process with a share of --budget_s (--parts picks some):
            attention only for even token counts); the largest power-of-two
            batch that fits for ViT-B/16, ViT-L/16 and ViT-H/14 adaptformer (bf16).
   variants the headline step (adaptformer bf16, batch 128) as configured and with
-           one change each, timed side by side: XLA attention, 196 tokens,
-           remat='dots', bf16 frozen weights (plan.variants; a variant may also
-           compile XLA options into its program alone) -- which change moves
-           the MFU; then 'auto' and 'xla' attention in bf16 against f32: the
-           relative error of the logits and of every gradient.
+           one change each, timed side by side: model.kernels='pallas' (the fused
+           MLP kernels), batch 256, bf16 frozen weights, both (plan.variants; a
+           variant may also compile XLA options into its program alone) -- which
+           change moves the MFU -- each with hlo_report.py's summary of its
+           compiled program (cuBLAS(Lt) epilogues, f32 activations, converts,
+           layout ops at attention); then 'auto' and 'xla' attention and the
+           fused kernels in bf16 against f32: the relative error of the logits
+           and of every gradient.
+  flags    the headline step with one XLA flag each (cuDNN LayerNorm, cuDNN GEMM
+           fusion levels 1-3, Triton GEMMs off), each in a process of its own with
+           the flag in XLA_FLAGS (read when the backend starts); hlo_report too.
+  kernels  the MLP branch alone (mlp_kernels.py): XLA against the fused kernels with
+           a few tilings, forward and input gradient, errors against f32.
   profile  where the device time of the adaptformer bf16 step goes (197 tokens, and
            196): kernel time by kind, by model part and by instruction
            (step_profile.py), with CUDA graphs off so that every kernel is
@@ -47,11 +55,14 @@ Each result is appended to OUT/rows.jsonl as it is measured; OUT/gpu_check.json
 and OUT/gpu_check.md are written at the end (also after a part timed out).
 
   python benchmarks/gpu_check.py --out DIR [--budget_s 450] [--parts variants,profile]
+  python benchmarks/gpu_check.py --fusion --parts flops,variants,flags,kernels,profile,torch \
+      --out DIR --budget_s 400     # issue #31's pass, bf16 batch 128 (RESULTS.md)
   python benchmarks/gpu_check.py --quick --parts variants,profile --out DIR --budget_s 150
   python benchmarks/gpu_check.py --cpu_smoke --out DIR   # every code path, tiny model, CPU
 """
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -73,13 +84,18 @@ import numpy as np  # noqa: E402
 from adaptformer_jax import models  # noqa: E402
 from adaptformer_jax.errors import described  # noqa: E402
 from adaptformer_jax.models import attention  # noqa: E402
+from adaptformer_jax.models import kernels  # noqa: E402
+import hlo_report  # noqa: E402
 import machine  # noqa: E402
+import mlp_kernels  # noqa: E402
 import step_profile  # noqa: E402
 import steps  # noqa: E402
 
 GIB = 2**30
 EVEN_TOKENS = dict(class_token=False, pool='gap')
 ROWS_FILE = 'rows.jsonl'
+# Row keys that change how a step runs, not its FLOPs (XLA's count of the XLA program).
+NOT_FLOPS = ('xla', 'xla_flags', 'kernels', 'attention', 'frozen_dtype')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +118,10 @@ class Plan:
   profile_batch: int   # batch of the profiled adaptformer bf16 steps
   profiles: tuple      # (label, model overrides) of the profiled steps, in order of need
   keep_traces: int     # copy the first N profiles' traces (and every profiled program) to OUT
+  flag_variants: tuple = ()  # XLA_FLAGS of the headline step, each in a process of its own
+  kernel_shape: tuple = (128, 198, 768, 3072)  # (batch, tokens, width, mlp_dim) of `kernels`
+  kernel_tiles: tuple = ()  # kernels.Tiles fields of each timed tiling of the fused MLP
+  interpret_kernels: bool = False  # Pallas in interpret mode (the CPU smoke run)
   check_attention: bool = True  # the variants part ends with attention_check
 
 
@@ -113,27 +133,49 @@ FULL = Plan(model=dict(preset='vit_b16'), batches=(64, 128), dtypes=('bfloat16',
             probe_batches=(32, 64), max_batch_cap=8192, memory_limit=None, sample_s=1.0,
             pipeline_images=300, crop=224, torch_compile_backend='inductor',
             torch_compile_s=120,
-            shares=dict(flops=0.06, jax=0.40, variants=0.20, profile=0.08, torch=0.21,
-                        pipeline=0.05),
+            shares=dict(flops=0.06, jax=0.40, variants=0.20, flags=0.20, kernels=0.05,
+                        profile=0.08, torch=0.21, pipeline=0.05),
             variants=(
                 ({}, {}),  # as configured: the baseline measured beside the others
-                (dict(attention='xla'), {}),  # 197 tokens through XLA's attention
-                (EVEN_TOKENS, {}),  # 196 tokens: cuDNN without a pad token
-                (dict(remat='dots'), {}),  # recompute the elementwise work in the backward
+                (dict(kernels='pallas'), {}),  # the MLP branch as fused Pallas kernels
+                (dict(batch=256), {}),
                 (dict(frozen_dtype='bfloat16'), {}),  # no per-step cast of the frozen weights
+                (dict(kernels='pallas', frozen_dtype='bfloat16'), {}),
             ),
+            # Each with its own process: XLA reads XLA_FLAGS when the backend starts.
+            flag_variants=('--xla_gpu_enable_cudnn_layer_norm=true',
+                           '--xla_gpu_cudnn_gemm_fusion_level=1',
+                           '--xla_gpu_cudnn_gemm_fusion_level=2',
+                           '--xla_gpu_cudnn_gemm_fusion_level=3',
+                           '--xla_gpu_enable_triton_gemm=false'),
+            kernel_tiles=mlp_kernels.TILINGS,
             profile_batch=128, keep_traces=2,
-            profiles=(('profile_197', {}), ('profile_196', EVEN_TOKENS)))
+            profiles=(('profile_197', {}), ('profile_pallas', dict(kernels='pallas'))))
 # One of each kind of row; torch.compile without inductor's C++ build (minutes on 2 cores).
 SMOKE = Plan(model=TINY, batches=(2,), dtypes=('bfloat16',), big=(('tiny', TINY),),
              probe_batches=(2, 4), max_batch_cap=32, memory_limit=16 * 2**20, sample_s=0.02,
              pipeline_images=6, crop=32, torch_compile_backend='eager',
              torch_compile_s=float('inf'),  # the budget decides on a loaded test host
-             shares=dict(flops=0.1, jax=0.3, variants=0.1, profile=0.1, torch=0.3, pipeline=0.1),
+             shares=dict(flops=0.1, jax=0.3, variants=0.1, flags=0.1, kernels=0.1, profile=0.1,
+                         torch=0.3, pipeline=0.1),
              variants=(({}, {}), (dict(adapter=dict(dropout=0.0)),
-                                  {'xla_cpu_enable_fast_math': False})),
+                                  {'xla_cpu_enable_fast_math': False}),
+                       (dict(kernels='pallas'), {})),
+             # The second one XLA does not know: its row says so, the others run.
+             flag_variants=('--xla_cpu_enable_fast_math=false', '--xla_no_such_flag=1'),
+             kernel_shape=(2, 17, 32, 48),
+             kernel_tiles=((16, 32, 16, 4, 2),), interpret_kernels=True,
              profile_batch=2, keep_traces=0,
              profiles=(('profile_197', {}), ('profile_196', EVEN_TOKENS)))
+
+
+# Issue #31's pass: the headline step with each XLA flag and the fused kernels, the kernels
+# alone, profiles with and without them, PyTorch's adaptformer and full steps beside them.
+# The fused kernels' profile first: the configured step's is in RESULTS.md (2026-11-27).
+FUSION = dataclasses.replace(
+    FULL, batches=(128,), dtypes=('bfloat16',),
+    profiles=(('profile_pallas', dict(kernels='pallas')), ('profile_197', {})),
+    shares=dict(flops=0.06, variants=0.24, flags=0.28, kernels=0.08, profile=0.10, torch=0.24))
 
 
 def emit(out, row):
@@ -180,8 +222,19 @@ def variant_rows(plan: Plan) -> list[dict]:
 
 def model_cfg(plan_model, row):
   overrides = {k: v for k, v in {**plan_model, **row}.items()
-               if k not in ('preset', 'batch', 'xla')}
+               if k not in ('preset', 'batch', 'xla', 'xla_flags')}
   return steps.model_config(plan_model['preset'], **overrides)
+
+
+def flops_key(row: dict) -> str:
+  """The rows whose steps have the same FLOPs share this key."""
+  return json.dumps({k: v for k, v in row.items() if k not in NOT_FLOPS}, sort_keys=True)
+
+
+def kernel_mode(plan: Plan) -> contextlib.AbstractContextManager:
+  """Where the plan interprets Pallas (the CPU smoke run), the context that makes
+  model.kernels='pallas' trace; enter it in the thread that traces."""
+  return kernels.interpret() if plan.interpret_kernels else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------- flops
@@ -194,12 +247,14 @@ def flops_part(plan, out, deadline):
   answered None for a lowered step and 0.68 of 9.03 TFLOP for a compiled one.
   Max-batch rows get FLOPs per image, lowered at the first probe batch."""
   def flops(model, row):
-    # (a row's XLA options change no FLOPs: model_cfg drops them)
-    trainer = steps.make_trainer(model_cfg(model, {**row, 'attention': 'xla'}), row['batch'])
+    trainer = steps.make_trainer(model_cfg(model, {**row, 'attention': 'xla', 'kernels': 'xla'}),
+                                 row['batch'])
     return steps.lower_step(trainer, row['batch']).cost_analysis()['flops']
 
-  for row in table_rows(plan) + [r for r in variant_rows(plan) if r not in table_rows(plan)]:
-    if time.time() < deadline:
+  done = set()  # the variants first: the rows every pass measures
+  for row in variant_rows(plan) + table_rows(plan):
+    if time.time() < deadline and flops_key(row) not in done:
+      done.add(flops_key(row))
       emit(out, dict(kind='flops', row=row, flops=flops(plan.model, row)))
   row = dict(tuning='adaptformer', dtype='bfloat16', batch=plan.probe_batches[0])
   for label, model in plan.big:
@@ -226,12 +281,20 @@ def device_header(out: str, part: str) -> jax.Device:
   return device
 
 
-def time_rows(plan: Plan, rows: list[dict], out: str, deadline: float) -> list[dict]:
+def time_rows(plan: Plan, rows: list[dict], out: str, deadline: float,
+              hlo: bool = False) -> list[dict]:
   """Compiles `rows` (in parallel threads), then times them one by one in ascending order
-  of their compiled peak, emitting each; returns the results."""
+  of their compiled peak, emitting each (with `hlo`, first its hlo_report); returns the
+  results."""
   programs = prepare_all(plan, rows)
   programs.sort(key=lambda p: p.get('compiled_bytes') or 0)
   for p in programs:
+    if hlo and 'program' in p:
+      trainer, compiled = p['program']
+      cfg = trainer.run.config.model
+      n = tokens(cfg) + attention.pad_tokens(cfg, cfg.dtype, tokens(cfg))
+      emit(out, dict(kind='hlo', row=p['row'], **hlo_report.summary(
+          compiled.as_text(), p['row']['batch'], n)))
     if 'error' not in p and time.time() > deadline:
       p['error'] = 'skipped: out of budget'
     if 'error' not in p:
@@ -261,9 +324,49 @@ def variants_part(plan: Plan, out: str, deadline: float) -> None:
   """The headline step with other attention, token counts, XLA options or model choices,
   timed side by side with it as configured: which change moves the MFU."""
   device_header(out, 'variants')
-  time_rows(plan, variant_rows(plan), out, deadline)
+  time_rows(plan, variant_rows(plan), out, deadline, hlo=True)
   if plan.check_attention:
     attention_check(plan, out)
+
+
+def flags_part(plan: Plan, out: str, deadline: float) -> None:
+  """The headline step with each of plan.flag_variants added to XLA_FLAGS, each in a process
+  of its own (XLA reads the flags once, as its backend starts): time, memory, hlo_report."""
+  headline = variant_rows(plan)[0]
+  for flags in plan.flag_variants:
+    row = {**headline, 'xla_flags': flags}
+    failed = lambda why: emit(out, dict(kind='step', framework='jax', model=plan.model['preset'],
+                                        row=row, error=why))
+    if deadline - time.time() < 15:
+      failed('skipped: out of budget')
+      continue
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    args = [sys.executable, __file__, '--part=flag_variant', f'--out={out}',
+            f'--row={json.dumps(row)}', f'--deadline={deadline}'] + (
+                ['--cpu_smoke'] if plan.interpret_kernels else [])
+    try:
+      proc = subprocess.run(args, env=env, timeout=deadline - time.time(), check=False,
+                            capture_output=True, text=True)
+      print(proc.stdout, end='', flush=True)
+      if proc.returncode:  # e.g. a flag this XLA does not know: it exits at backend start
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        failed(f"exited with status {proc.returncode}: {' | '.join(lines[-2:])[-400:]}")
+    except subprocess.TimeoutExpired:
+      failed("stopped at the part's deadline")
+
+
+def flag_variant_part(plan: Plan, out: str, row: dict, deadline: float) -> None:
+  time_rows(plan, [row], out, deadline, hlo=True)
+
+
+def kernels_part(plan: Plan, out: str, deadline: float) -> None:
+  """The MLP branch alone (mlp_kernels.py) at plan.kernel_shape: XLA and the fused kernels
+  with each of plan.kernel_tiles, forward and input gradient, bf16; errors against f32."""
+  del deadline  # a few small compiles
+  device_header(out, 'kernels')
+  for row in mlp_kernels.measure(plan.kernel_shape, plan.kernel_tiles, plan.interpret_kernels,
+                                 lambda step: timed(step, plan.sample_s)):
+    emit(out, dict(kind='kernel', **row))
 
 
 def compile_step(plan_model, row):
@@ -299,8 +402,12 @@ def attention_used(cfg: ml_collections.ConfigDict) -> str:
 
 def prepare_all(plan: Plan, rows: list[dict]) -> list[dict]:
   """prepare() of every row, the compiles in parallel threads."""
+  def one(row):
+    with kernel_mode(plan):
+      return prepare(plan.model, row)
+
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    return list(pool.map(lambda r: prepare(plan.model, r), rows))
+    return list(pool.map(one, rows))
 
 
 def prepare(plan_model, row):
@@ -337,10 +444,11 @@ def attention_check(plan: Plan, out: str, batch: int = 8) -> None:
   relative error of the logits and of every parameter's gradient."""
   try:
     import optax  # pylint: disable=g-import-not-at-top
-    cfgs = {name: model_cfg(plan.model, dict(dtype=dtype, attention=attention))
-            for name, dtype, attention in (('auto', 'bfloat16', 'auto'),
-                                           ('xla', 'bfloat16', 'xla'),
-                                           ('f32', 'float32', 'xla'))}
+    cfgs = {name: model_cfg(plan.model, dict(dtype=dtype, attention=attention, kernels=k))
+            for name, dtype, attention, k in (('auto', 'bfloat16', 'auto', 'xla'),
+                                              ('xla', 'bfloat16', 'xla', 'xla'),
+                                              ('pallas', 'bfloat16', 'auto', 'pallas'),
+                                              ('f32', 'float32', 'xla', 'xla'))}
     size, classes = cfgs['f32'].image_size, cfgs['f32'].num_classes
     images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     labels = jnp.arange(batch) % classes
@@ -354,10 +462,14 @@ def attention_check(plan: Plan, out: str, batch: int = 8) -> None:
       def loss(p):
         logits = model.apply({**variables, 'params': p}, images).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-      (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+      try:
+        with kernel_mode(plan):
+          (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+      except Exception as e:  # noqa: BLE001  the fused kernels fail alone, with their error
+        return described(e)
       return [logits] + jax.tree.leaves(grads)
 
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # the three compile side by side
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # the four compile side by side
       results = dict(zip(built, pool.map(logits_and_grads, built.values())))
     relative = lambda got, want: float(
         np.sqrt(sum(np.sum((np.float32(g) - np.float32(w)) ** 2) for g, w in zip(got, want))
@@ -366,7 +478,8 @@ def attention_check(plan: Plan, out: str, batch: int = 8) -> None:
                    tokens=tokens(cfgs['auto']), **{
                        f'{name}_{what}_rel_err': relative(results[name][part],
                                                           results['f32'][part])
-                       for name in ('auto', 'xla')
+                       if isinstance(results[name], list) else results[name]
+                       for name in ('auto', 'xla', 'pallas')
                        for what, part in (('logits', slice(0, 1)), ('grads', slice(1, None)))}))
   except Exception as e:  # noqa: BLE001
     emit(out, dict(kind='attention_check', error=described(e)))
@@ -601,8 +714,7 @@ def markdown(rows):
     lines.append('- ' + ', '.join(f'{k}: {v}' for k, v in d.items() if k not in ('kind', 'at')))
   lines += ['', '| framework | tuning | dtype | batch | variant | ms/step | img/s | MFU | '
             'peak GiB | compiled GiB |', '|---|---|---|---|---|---|---|---|---|---|']
-  key = lambda row: json.dumps(row, sort_keys=True)
-  flops = {key(r['row']): r['flops'] for r in rows
+  flops = {flops_key(r['row']): r['flops'] for r in rows
            if r['kind'] == 'flops' and 'row' in r}
   per_image = {r['model']: r['per_image'] for r in rows if r['kind'] == 'flops' and 'model' in r}
   gib = lambda b: f'{b / GIB:.2f}' if b else ''
@@ -614,7 +726,7 @@ def markdown(rows):
                         ('tuning', 'dtype', 'batch'))
     if r['framework'] == 'jax' and r.get('attention'):
       variant = variant or f"attention=auto ({r['attention']})"
-    f = flops.get(key(r['row']))
+    f = flops.get(flops_key(r['row']))
     mfu = f'{f / (r["ms"] / 1e3) / peak:.1%}' if f and peak and 'ms' in r else ''
     lines.append(f"| {r['framework']} | {row['tuning']} | {row['dtype']} | {row['batch']} | "
                  f"{variant} | {r.get('ms', r.get('error', ''))} | {r.get('img_s', '')} | "
@@ -652,16 +764,41 @@ def markdown(rows):
       lines.append(f"- {title}: {r['wall_ms']:.1f} ms/step wall, {r['busy_ms']:.1f} ms busy "
                    f"({r['busy_ms'] / r['wall_ms']:.0%}); ms by kind: {kinds}; "
                    f"no instruction {r['unmatched_device_ms']:.2f}; heaviest parts: {parts}")
+  lines += hlo_and_kernel_tables(rows)
   for r in rows:
     if r['kind'] == 'attention_check':
-      lines.append(f"- attention 'auto' ({r.get('auto_is')}, {r.get('tokens')} tokens) and 'xla', "
-                   f"bf16, relative error against XLA f32: logits {r.get('auto_logits_rel_err')} "
-                   f"and {r.get('xla_logits_rel_err')}, gradients {r.get('auto_grads_rel_err')} "
-                   f"and {r.get('xla_grads_rel_err')}"
+      lines.append(f"- attention 'auto' ({r.get('auto_is')}, {r.get('tokens')} tokens), 'xla' and "
+                   f"'auto' with model.kernels='pallas', bf16, relative error against XLA f32: "
+                   f"logits {r.get('auto_logits_rel_err')}, {r.get('xla_logits_rel_err')} and "
+                   f"{r.get('pallas_logits_rel_err')}; gradients {r.get('auto_grads_rel_err')}, "
+                   f"{r.get('xla_grads_rel_err')} and {r.get('pallas_grads_rel_err')}"
                    + (f" -- {r['error']}" if 'error' in r else ''))
     if r['kind'] == 'note':
       lines.append(f"- {r['text']}")
   return '\n'.join(lines) + '\n'
+
+
+def hlo_and_kernel_tables(rows: list[dict]) -> list[str]:
+  """Markdown of the hlo_report rows (one per variant) and of the kernels part's rows."""
+  lines = ['', '| compiled step (hlo_report) | matmul calls | epilogues ("epilogue" found) | '
+           'activations written | bf16/f32 converts | layout ops at attention |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    if r['kind'] == 'hlo':
+      variant = ', '.join(f'{k}={v}' for k, v in r['row'].items() if k not in ('tuning', 'dtype'))
+      written = ', '.join(f"{t} {w['count']} ({w['mib']} MiB)"
+                          for t, w in r['activations_written'].items())
+      around = r['layout_ops_around_attention']
+      lines.append(f"| {variant} | {r['gemms']} | {r['epilogues']} ({r['epilogue_mentions']}) | "
+                   f"{written} | {r['converts']} | {around['count']} ({around['mib']} MiB) |")
+  lines += ['', '| MLP branch alone (mlp_kernels.py) | tiles | ms | output rel. err | '
+            'dx rel. err |', '|---|---|---|---|---|']
+  for r in rows:
+    if r['kind'] == 'kernel':
+      lines.append(f"| {r['impl']} {r['shape']} | {r['tiles'] or ''} | "
+                   f"{r.get('ms', r.get('error', ''))} | {r.get('out_rel_err', '')} | "
+                   f"{r.get('dx_rel_err', '')} |")
+  return lines + ['']
 
 
 def drive(plan, out, budget_s, flags, parts):
@@ -679,7 +816,7 @@ def drive(plan, out, budget_s, flags, parts):
     args = [sys.executable, __file__, f'--part={part}', f'--out={out}',
             f'--deadline={time.time() + limit * 0.9}', *flags]
     env = dict(os.environ)
-    if part in ('jax', 'variants'):  # the max-batch search wants (nearly) all the device's memory
+    if part in ('jax', 'variants', 'flags', 'kernels'):  # the max batch wants ~all the memory
       env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
     elif part == 'profile':  # kernels inside a CUDA graph would report the graph's name
       env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_gpu_enable_command_buffer=').strip()
@@ -701,8 +838,9 @@ def drive(plan, out, budget_s, flags, parts):
   print(f'gpu_check: {time.time() - start:.0f} s, {len(rows)} rows in {out}')
 
 
-PARTS = {'flops': flops_part, 'jax': jax_part, 'variants': variants_part,
-         'profile': profile_part, 'torch': torch_part, 'pipeline': pipeline_part}
+PARTS = {'flops': flops_part, 'jax': jax_part, 'variants': variants_part, 'flags': flags_part,
+         'kernels': kernels_part, 'profile': profile_part, 'torch': torch_part,
+         'pipeline': pipeline_part}
 
 
 def main():
@@ -714,26 +852,35 @@ def main():
                            'timed and profiled (use with --parts variants,profile)')
   parser.add_argument('--cpu_smoke', action='store_true',
                       help='the same code paths on a tiny model (the test suite runs this)')
+  parser.add_argument('--fusion', action='store_true',
+                      help='bf16 batch 128 only (issue #31): with --parts flops,variants,flags,'
+                           'kernels,profile,torch')
   parser.add_argument('--parts', default=','.join(PARTS),
                       help=f'comma-separated, in their fixed order: {",".join(PARTS)}')
-  parser.add_argument('--part', choices=(*PARTS, 'torch_compile'), help=argparse.SUPPRESS)
+  parser.add_argument('--part', choices=(*PARTS, 'torch_compile', 'flag_variant'),
+                      help=argparse.SUPPRESS)
   parser.add_argument('--deadline', type=float, help=argparse.SUPPRESS)
   parser.add_argument('--row', help=argparse.SUPPRESS)
   args = parser.parse_args()
-  plan = SMOKE if args.cpu_smoke else FULL
+  plan = SMOKE if args.cpu_smoke else FUSION if args.fusion else FULL
   if args.quick:
     plan = dataclasses.replace(plan, variants=plan.variants[:1], profiles=plan.profiles[:1],
-                               check_attention=False)
+                               flag_variants=(), check_attention=False)
   if args.part == 'torch_compile':
     torch_compile_part(plan, args.out, json.loads(args.row))
+  elif args.part == 'flag_variant':
+    with kernel_mode(plan):
+      flag_variant_part(plan, args.out, json.loads(args.row), args.deadline)
   elif args.part:
-    PARTS[args.part](plan, args.out, args.deadline)
+    with kernel_mode(plan):  # (threads enter it themselves: prepare_all, attention_check)
+      PARTS[args.part](plan, args.out, args.deadline)
   else:
     parts = args.parts.split(',')
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
       parser.error(f'--parts: unknown {", ".join(unknown)}; choose from {",".join(PARTS)}')
-    flags = [f for f, on in (('--cpu_smoke', args.cpu_smoke), ('--quick', args.quick)) if on]
+    flags = [f for f, on in (('--cpu_smoke', args.cpu_smoke), ('--quick', args.quick),
+                             ('--fusion', args.fusion)) if on]
     drive(plan, args.out, args.budget_s, flags, parts)
 
 

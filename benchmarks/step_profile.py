@@ -26,8 +26,8 @@ from typing import Any
 import jax
 
 # Kinds, checked in this order on the ops an instruction runs (fusion bodies included).
-KINDS = ('attention (cuDNN)', 'attention matmul', 'matmul', 'convolution', 'reduce',
-         'copy/transpose', 'elementwise')
+KINDS = ('attention (cuDNN)', 'attention matmul', 'Pallas kernel', 'matmul', 'convolution',
+         'reduce', 'copy/transpose', 'elementwise')
 # Their time is their bodies' (traced themselves).
 CONTAINERS = {'while', 'call', 'conditional', 'async-start', 'async-done'}
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$')
@@ -78,6 +78,8 @@ def instruction_kinds(hlo_text: str) -> dict[str, tuple[str | None, str]]:
     # Batched matmuls are attention's (QK^T, PV); dense layers fold batch into rows.
     if any(re.search(r'lhs_batch_dims=\{\d|"lhs_batch_dimensions":\["', r) for r in matmuls):
       return 'attention matmul'
+    if 'triton' in targets:  # a pallas_call (models/kernels.py); XLA's own are fusions
+      return 'Pallas kernel'
     if matmuls:
       return 'matmul'
     opcodes = {o for o, _ in found}

@@ -136,6 +136,9 @@ def defaults(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       # GPUs, bf16) or 'auto' (cuDNN where it is known to apply, XLA elsewhere;
       # attention.attention_implementation; odd token counts carry a pad, attention.pad_tokens).
       attention='auto',
+      # The MLP branch (LayerNorm, fc1, GELU, fc2): 'xla' ops, or 'pallas': fused kernels
+      # (models/kernels.py; one NVIDIA GPU). 'xla' until a GPU run measures 'pallas' faster.
+      kernels='xla',
       remat='none',  # 'none' | 'block' | 'dots': what each block keeps, see vit.REMAT
   ))
   _override(cfg, FAMILIES.get(family(name), {}))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from adaptformer_jax.errors import ConfigError
 from adaptformer_jax.models import attention
 from adaptformer_jax.models import layers
 from adaptformer_jax.models import tuning
@@ -89,13 +90,26 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
   """fc1 -> GELU (model.gelu) -> fc2; FacT's updates on each fc, SSF's scale and shift
-  after each (with FacT's)."""
+  after each (with FacT's). model.kernels='pallas' runs `fused` = (the LayerNorm that
+  made x, its input) and this branch as fused kernels (kernels.py), same parameters."""
   cfg: ml_collections.FrozenConfigDict
   dtype: jnp.dtype
   methods: tuning.Tuning = tuning.PLAIN
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fact: dict | None = None,
+               fused: tuple[nn.LayerNorm, jax.Array] | None = None) -> jax.Array:
+    if self.cfg.kernels == 'pallas':  # Pallas loads (~1 s) only where it is asked for
+      from adaptformer_jax.models import kernels  # pylint: disable=g-import-not-at-top
+      changed = [m for m in self.methods.methods if m in ('ssf', 'fact_tt', 'fact_tk') or (
+          m == 'repadapter' and self.cfg.repadapter.placement == 'block')]
+      if changed:
+        raise ConfigError(f"model.kernels='pallas' fuses the plain MLP branch (LayerNorm, fc1, "
+                          f"GELU, fc2); tuning {'+'.join(changed)} changes it; use "
+                          f"model.kernels='xla'.")
+      norm, inputs = fused
+      return kernels.fused_mlp(inputs, norm, self.cfg.mlp_dim, self.cfg.gelu, self.dtype,
+                               dense_init)
     fact_update = layers.fact_updates(fact, self.cfg.fact.scale, train)
     shift = fact_update and fact_update(x, 'fc1')
     if 'ssf' in self.methods:  # SSF sits between fc1 and the GELU: no fused DenseGelu
@@ -172,11 +186,12 @@ class Block(nn.Module):
                                      self.dtype, a.init, name='adapter')
     if adapter is not None and self.cfg.adapter.placement == 'parallel':
       adapted = adapter(x, train)
-    h = layers.ssf(ssf, 'ssf_norm2')(layer_norm(self.cfg, self.dtype, 'norm2')(x))
+    norm2 = layer_norm(self.cfg, self.dtype, 'norm2')
+    h = layers.ssf(ssf, 'ssf_norm2')(norm2(x))
     if rep and rep.placement == 'block':
       h = repadapter('mlp')(h, train)
     h = self.layerscale('ls2', Mlp(self.cfg, self.dtype, self.methods, name='mlp')(
-        h, train, fact))
+        h, train, fact, fused=(norm2, x)))
     h = h + plus('intermediate', h) + plus('parallel', x)
     if adapter is not None:
       h = h + (adapted if self.cfg.adapter.placement == 'parallel'
@@ -207,7 +222,8 @@ class MapHead(nn.Module):
                               name='kv')(x), 2, axis=-1)
     y = attention.multi_head_attention(q, k, v, self.cfg, self.dtype)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name='out')(y)
-    y = y + Mlp(self.cfg, self.dtype, name='mlp')(layer_norm(self.cfg, self.dtype, 'norm')(y))
+    norm = layer_norm(self.cfg, self.dtype, 'norm')
+    y = y + Mlp(self.cfg, self.dtype, name='mlp')(norm(y), fused=(norm, y))
     return y[:, 0]
 
 
