@@ -207,8 +207,22 @@ def _repadapter_fact(m: dict[str, Any]) -> str | None:
   return None
 
 
+def _kernels(m: dict[str, Any]) -> str | None:
+  """The fused kernels compute the plain MLP branch: a method inside it cannot run there."""
+  try:
+    methods = tuning.parse(m['tuning']).methods
+  except ConfigError:  # _tuning reports it
+    return None
+  changed = [x for x in methods if x in ('ssf', 'fact_tt', 'fact_tk') or (
+      x == 'repadapter' and m['repadapter']['placement'] == 'block')]
+  if m['kernels'] == 'pallas' and changed:
+    return ("model.kernels='pallas' fuses the plain MLP branch (LayerNorm, fc1, GELU, fc2); "
+            f"tuning {'+'.join(changed)} changes it; use model.kernels='xla'")
+  return None
+
+
 MODEL_RULES: tuple[Rule, ...] = (_preset, _pool, _image_size, _frames, _heads, _tuning, _mae,
-                                 _repadapter_fact)
+                                 _repadapter_fact, _kernels)
 
 DATA = {
     'name': string(), 'data_dir': string(optional=True), 'train_split': string(),
