@@ -1,30 +1,21 @@
 """RepAdapter and FacT (TT, TK): logits against the authors' forward, their checkpoints
 (full state dicts and the method + head files their training scripts save) through
-`pretrained.load`, their parameter counts, and the ordinary train / resume / export loop.
+`pretrained.load`, and their parameter counts (training: tests/test_train.py).
 
 The reference is tests/references/repadapter_fact_reference.py, an independent port of
 the official code on timm's ViT, checked once against the official files.
 """
-import os
-import shutil
 
-import flax.traverse_util
 import jax
 import numpy as np
 import pytest
-import safetensors.numpy
 
 from adaptformer_jax import models
 from adaptformer_jax import peft
 from adaptformer_jax import pretrained
-from adaptformer_jax import jobs
-from adaptformer_jax import train
 from adaptformer_jax.errors import UserError
-from adaptformer_jax.weights import checkpoints
-from adaptformer_jax.weights import exports
 from conftest import IMAGES
 from conftest import tiny_cfg
-from conftest import tiny_run_config
 
 TIMM_TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                  img_size=32, num_classes=5)
@@ -164,36 +155,3 @@ def test_vit_b16_trains_as_many_parameters_as_the_authors_model(tuning, options,
                           np.zeros((1, 224, 224, 3), np.float32))['params']
   assert peft.count(params, peft.trainable_mask(params, cfg)) == expected
   del ref
-
-
-@pytest.mark.parametrize('tuning,resume', [('repadapter+fact_tk', True), ('fact_tt', False)])
-def test_trains_resumes_bit_exactly_and_exports(tuning, resume, tmp_path, data_dir):
-  """The ordinary loop: the methods' leaves and the head move, nothing else; the export
-  holds exactly them. Once (resuming and swapping in know no method): a run killed after
-  step 2 resumes to the same bits, and the export on the backbone evaluates as the run."""
-  config = tiny_run_config(tuning, data_dir=data_dir, num_train_steps=4, warmup_steps=1,
-                           log_every_steps=2, checkpoint_every_steps=2)
-  config.model.update(repadapter=dict(scale=0.5), fact=dict(scale=2.0))
-  workdir = str(tmp_path / 'run')
-  result = train.train_and_evaluate(config, workdir)
-  _, first = jobs.load_variables(config, workdir, os.path.join(workdir, 'checkpoints', '2'))
-  _, last = jobs.load_variables(config, workdir)
-  first, last = (flax.traverse_util.flatten_dict(v['params'], sep='/') for v in (first, last))
-  moved = {k for k in last if not np.array_equal(last[k], first[k])}
-  method = lambda k: k.startswith(('head/', 'fact/')) or '/fact/' in k or 'repadapter' in k
-  assert moved == {k for k in last if method(k)}, sorted(moved ^ {k for k in last if method(k)})
-  if resume:
-    resumed = str(tmp_path / 'resumed')
-    shutil.copytree(workdir, resumed)
-    shutil.rmtree(os.path.join(resumed, 'checkpoints', '4'))  # "killed" after step 2
-    train.train_and_evaluate(config, resumed)
-    _, again = jobs.load_variables(config, resumed)
-    again = flax.traverse_util.flatten_dict(again['params'], sep='/')
-    assert checkpoints.latest_step(resumed) == 4
-    assert all(np.asarray(last[k]).tobytes() == np.asarray(again[k]).tobytes() for k in last)
-  out = str(tmp_path / 'export')
-  jobs.export(config, workdir, out)
-  exported = safetensors.numpy.load_file(os.path.join(out, exports.ADAPTER_WEIGHTS))
-  assert set(exported) == {f'params/{k}' for k in last if method(k)}
-  if resume:  # swapping an export in knows no method either: checked once
-    assert jobs.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result

@@ -216,11 +216,16 @@ def test_frozen_bfloat16_state_keeps_trainable_leaves_and_optimizer_in_float32()
       assert after[path].tobytes() == before[path].tobytes(), path
 
 
-def test_ssf_bitfit_and_adapter_plus_train_resume_and_export(tmp_path, data_dir):
-  """The three methods in one short run: only their leaves and the head move, a resumed
+@pytest.mark.parametrize('tuning, modules', [
+    ('ssf+bitfit+adapter_plus', {'adapter_plus', 'ssf_qkv', 'qkv', 'norm1'}),  # + BitFit's biases
+    ('repadapter+fact_tt', {'down', 'up', 'u', 'v', 'q', 'fc1'}),  # scales other than 1
+])
+def test_new_methods_train_resume_and_export(tuning, modules, tmp_path, data_dir):
+  """The methods in one short run each: only their leaves and the head move, a resumed
   run repeats the uninterrupted one bit for bit, the export swaps back in."""
-  config = tiny_run_config('ssf+bitfit+adapter_plus', data_dir=data_dir, num_train_steps=4,
+  config = tiny_run_config(tuning, data_dir=data_dir, num_train_steps=4,
                            warmup_steps=1, log_every_steps=2, checkpoint_every_steps=2)
+  config.model.update(repadapter=dict(scale=0.5), fact=dict(scale=2.0))
   workdir, resumed = str(tmp_path / 'run'), str(tmp_path / 'resumed')
   result = train.train_and_evaluate(config, workdir)
   shutil.copytree(workdir, resumed)
@@ -233,8 +238,7 @@ def test_ssf_bitfit_and_adapter_plus_train_resume_and_export(tmp_path, data_dir)
   for k, trains in mask.items():
     assert np.asarray(last[k]).tobytes() == np.asarray(again[k]).tobytes(), k
     assert np.array_equal(first[k], last[k]) != trains, k
-  assert {k.split('/')[-2] for k, t in mask.items() if t and 'head' not in k} >= {
-      'adapter_plus', 'ssf_qkv', 'qkv', 'norm1'}  # Adapter+, SSF, BitFit's biases
+  assert {k.split('/')[-2] for k, t in mask.items() if t and 'head' not in k} >= modules
   out = str(tmp_path / 'adapters')
   jobs.export(config, workdir, out)
   assert jobs.evaluate_workdir(config, str(tmp_path / 'eval'), adapters=out) == result
