@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
@@ -113,3 +114,15 @@ def run(job: Callable[[], Any]) -> None:
   except interrupts.Interrupted as e:
     print(f'interrupted: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
+
+
+def run_app(job: Callable[[], Any]) -> None:
+  """`app.run` of a command that takes no positional arguments: its flags through
+  `parse_flags`, `job` under `run`."""
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    run(job)
+
+  app.run(main, flags_parser=parse_flags)

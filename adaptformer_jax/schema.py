@@ -191,12 +191,17 @@ def _mae(m: dict[str, Any]) -> str | None:
   return None
 
 
+def _methods(m: dict[str, Any]) -> tuple[str, ...]:
+  """The methods of model.tuning; none where it does not parse (_tuning reports that)."""
+  try:
+    return tuning.parse(m['tuning']).methods
+  except ConfigError:
+    return ()
+
+
 def _repadapter_fact(m: dict[str, Any]) -> str | None:
   """RepAdapter's grouped up projection and FacT's chunked MLP factors need whole shares."""
-  try:
-    methods = tuning.parse(m['tuning']).methods
-  except ConfigError:  # _tuning reports it
-    return None
+  methods = _methods(m)
   rep = m['repadapter']
   if 'repadapter' in methods and (rep['dim'] % rep['groups'] or m['width'] % rep['groups']):
     return (f"model.repadapter.groups: {rep['groups']} must divide both model.repadapter.dim "
@@ -209,10 +214,7 @@ def _repadapter_fact(m: dict[str, Any]) -> str | None:
 
 def _kernels(m: dict[str, Any]) -> str | None:
   """The fused kernels compute the plain MLP branch: a method inside it cannot run there."""
-  try:
-    methods = tuning.parse(m['tuning']).methods
-  except ConfigError:  # _tuning reports it
-    return None
+  methods = _methods(m)
   changed = [x for x in methods if x in ('ssf', 'fact_tt', 'fact_tk') or (
       x == 'repadapter' and m['repadapter']['placement'] == 'block')]
   if m['kernels'] == 'pallas' and changed:

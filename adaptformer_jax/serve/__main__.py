@@ -7,7 +7,6 @@ connections, lets the requests in flight finish and exits with status 0.
 """
 import signal
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -64,11 +63,5 @@ def serve() -> None:
   print('stopped: requests in flight finished.', flush=True)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  cli.run(serve)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_app(serve)

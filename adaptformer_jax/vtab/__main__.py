@@ -7,7 +7,6 @@
 """
 import os
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -56,11 +55,5 @@ def job() -> None:
            f"{a['mean_of_group_means']:.2f}" if a['mean_19_tasks'] is not None else ''))
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  cli.run(job)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_app(job)
