@@ -39,7 +39,8 @@ video-backbone: install
 
 # pytest exits 5 when it collects no tests, which fails this target. Two workers
 # (pytest-xdist), a test file each at a time: most tests are compiles and
-# subprocesses that keep one core busy (2 workers: 527-562 s on a 2-core AMD EPYC, 2026-12-07).
+# subprocesses that keep one core busy (2 workers: 668 s, 660 tests, on a 2-core AMD EPYC,
+# fresh clone with CI=true, 2026-12-07).
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
