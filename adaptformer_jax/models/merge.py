@@ -142,10 +142,6 @@ RULES: dict[str, Rule] = {
     'repadapter': _repadapter,
 }
 
-def mergeable(method: str) -> bool:
-  return method in RULES
-
-
 def merge_tuning(variables: Any, model_cfg: ml_collections.ConfigDict
                  ) -> tuple[dict[str, Any], ml_collections.ConfigDict]:
   """(variables, model config) of a plain ViT with the same logits: every method of
