@@ -39,7 +39,8 @@ _TORCH_MODULES = (
     (r'blocks\.(\d+)\.mlp\.(fc[12])_FacTs', r'block\1/fact/\2', 'linear'),
 )
 
-_TORCH_PARAMS = {
+# Torch parameter names -> ours, per kind (timm_layout writes the reverse).
+TORCH_PARAMS = {
     'conv': {'weight': 'kernel', 'bias': 'bias'},
     'linear': {'weight': 'kernel', 'bias': 'bias'},
     'conv1x1': {'weight': 'kernel', 'bias': 'bias'},  # (out, in / groups, 1): a Linear's
@@ -229,7 +230,7 @@ def _convert_torch(flat):
     leaf = next((re.sub(p, t, name) for p, t in _TORCH_LEAVES if re.fullmatch(p, name)), None)
     kind = None
     if leaf is None:
-      leaf, kind = _rename(name, _TORCH_MODULES, _TORCH_PARAMS)
+      leaf, kind = _rename(name, _TORCH_MODULES, TORCH_PARAMS)
     if leaf is None:
       out[f'?{src}'] = (value, src)
       continue

@@ -29,9 +29,9 @@ _MODULES = (
     (r'map_head/mlp/(fc[12])', r'attn_pool.mlp.\1', 'linear'),
     (r'head/linear', 'head', 'linear'),
 )
-_PARAMS = {'conv': {'kernel': 'weight', 'bias': 'bias'},
-           'linear': {'kernel': 'weight', 'bias': 'bias'},
-           'ln': {'scale': 'weight', 'bias': 'bias'}}
+# Our parameter names -> timm's, per kind: the loader's table turned round.
+_PARAMS = {kind: {ours: theirs for theirs, ours in layouts.TORCH_PARAMS[kind].items()}
+           for kind in ('conv', 'linear', 'ln')}
 _LEAVES = ((r'cls', 'cls_token'), (r'pos_embedding', 'pos_embed'),
            (r'block(\d+)/ls([12])', r'blocks.\1.ls\2.gamma'), (r'map_head/probe', 'attn_pool.latent'))
 
