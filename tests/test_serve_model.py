@@ -10,6 +10,7 @@ import pytest
 from adaptformer_jax import jobs
 from adaptformer_jax import predict
 from adaptformer_jax.errors import UserError
+from adaptformer_jax.serve import grouped
 from adaptformer_jax.serve import images
 from adaptformer_jax.serve import multi
 from conftest import tiny_run_config
@@ -106,3 +107,16 @@ def test_refuses_what_cannot_share_the_backbone_or_the_program(dirs, tmp_path):
     multi.MultiAdapter(config, [('a', dirs['af']), ('a', dirs['lora'])])
   with pytest.raises(UserError, match='expected NAME=DIR'):
     multi.parse_adapters([dirs['af']])
+
+
+def test_the_program_runs_every_slot_module_grouped(dirs, monkeypatch):
+  model = multi.MultiAdapter(tiny_run_config(), [(n, dirs[n]) for n in ('af', 'lora')])
+  calls = []
+  original = grouped.apply_grouped
+  monkeypatch.setattr(grouped, 'apply_grouped',
+                      lambda fn, v, x, s, c: calls.append(x.shape) or original(fn, v, x, s, c))
+  multi._probabilities.clear_cache()  # pylint: disable=protected-access
+  model.probabilities(np.zeros((4, *model.image_shape), np.float32), np.array([0, 1, 1, 0]))
+  depth = model.config.model.depth
+  assert len(calls) == depth + 2 * depth + 1  # adapters, lora_q and lora_v, the head
+  assert all(shape[0] == 4 for shape in calls)

@@ -96,7 +96,8 @@ class Batcher:
     size = next(s for s in self.sizes if s >= count)
     images = np.zeros((size, *batch[0].images.shape[1:]), np.float32)
     images[:count] = np.concatenate([r.images for r in batch])
-    slots = np.zeros((size,), np.int32)
+    # Padding rows join the last request's slot: they add no slot group (serve/grouped.py).
+    slots = np.full((size,), batch[-1].slot, np.int32)
     slots[:count] = np.concatenate([np.full(len(r.images), r.slot) for r in batch])
     self.batches += 1
     self.images += count

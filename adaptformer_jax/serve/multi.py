@@ -3,18 +3,20 @@
 `MultiAdapter(config, [(name, dir), ...])` reads the exports, builds the union model
 (serve/stack.py) and keeps the backbone once plus each adapter's leaves stacked on a
 leading slot axis. `probabilities(images, slots)` classifies a batch in which every
-image names its slot: inside one jitted program the slot's leaves are gathered per
-example and the unchanged ViT is `jax.vmap`ped over the examples with the backbone
-unbatched, so XLA still runs each frozen matmul as one (B * tokens, width) product;
-only the adapters' own small matmuls become per-example (batched) products.
+image names its slot: inside one jitted program the unchanged ViT is `jax.vmap`ped over
+the images with the backbone unbatched, so XLA still runs each frozen matmul as one
+(B * tokens, width) product. The modules that belong to the slots (AdaptMLP, LoRA, the
+head) run once per group of images sharing a slot, on that slot's stacked weights
+(serve/grouped.py); the VPT prompts, a few tokens, are gathered per image.
 
-Costs: the gathered leaves take batch x one adapter's size (ViT-B/16 AdaptFormer at
-batch 64: 64 x 1.2 M floats, about 0.3 GB); the backbone is held once. The program
-depends on the batch size, the slot count (rounded up to a power of two) and the
-union's shapes (methods, largest bottleneck / rank / prompt count / class count);
+Costs: the backbone is held once, each slot by its size in the union's shapes. The
+program depends on the batch size, the slot count (rounded up to a power of two) and
+the union's shapes (methods, largest bottleneck / rank / prompt count / class count);
 the adapters' values are arguments, so another set of exports with the same union
 shapes and slot capacity reuses the compiled programs (no recompile), while a new
-method or a larger size compiles once per batch size.
+method or a larger size compiles once per batch size. Each slot module is compiled
+once per candidate group layout (grouped.layouts: 6 at batch 64 over 8 slots), so a
+program takes a few times longer to compile than a plain model's.
 """
 import copy
 import dataclasses
@@ -32,6 +34,7 @@ import numpy as np
 from adaptformer_jax import runtime
 from adaptformer_jax.errors import UserError
 from adaptformer_jax.models import tuning
+from adaptformer_jax.serve import grouped
 from adaptformer_jax.serve import stack
 from adaptformer_jax.weights import exports as exports_lib
 
@@ -125,16 +128,20 @@ class MultiAdapter:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _probabilities(model, backbone, stacked, prompt_lengths, class_counts, images, slots):
-  """The one program: gather each example's slot, vmap the ViT, mask padded classes."""
+  """The one program: vmap the ViT over images, the slot modules grouped by slot
+  (serve/grouped.py), other slot leaves gathered per image; mask padded classes."""
+  owned, per_image = grouped.split(stacked, backbone)
+  capacity = prompt_lengths.shape[0]
 
-  def one(leaves, image, prompts):
+  def one(leaves, image, prompts, slot):
     flat = {**backbone, **leaves}
     variables = flax.traverse_util.unflatten_dict({tuple(k.split('/')): v
                                                    for k, v in flat.items()})
-    return model.apply(variables, image[None], train=False, prompt_lengths=prompts[None])[0]
+    with grouped.intercept(owned, slot, capacity):
+      return model.apply(variables, image[None], train=False, prompt_lengths=prompts[None])[0]
 
-  picked = jax.tree.map(lambda leaf: leaf[slots], stacked)
-  logits = jax.vmap(one)(picked, images, prompt_lengths[slots]).astype(jnp.float32)
+  picked = jax.tree.map(lambda leaf: leaf[slots], per_image)
+  logits = jax.vmap(one)(picked, images, prompt_lengths[slots], slots).astype(jnp.float32)
   real = jnp.arange(logits.shape[-1]) < class_counts[slots][:, None]
   return jax.nn.softmax(jnp.where(real, logits, -jnp.inf), axis=-1)
 
