@@ -39,11 +39,12 @@ video-backbone: install
 
 # pytest exits 5 when it collects no tests, which fails this target. Two workers
 # (pytest-xdist), a test file each at a time: most tests are compiles and
-# subprocesses that keep one core busy (2 workers: 668 s, 660 tests, on a 2-core AMD EPYC,
-# fresh clone with CI=true, 2026-12-07).
+# subprocesses that keep one core busy; the slowest files first (tests/conftest.py), so
+# that neither worker idles at the end (2 workers: 647 s, 676 tests, 2-core AMD EPYC,
+# near idle, 2026-12-07; 665 s in the default order).
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # gpu_check.py wants a GPU (see benchmarks/RESULTS.md); step_profile.py is a diagnosis, not a
 # ratio; machine.py and steps.py are helpers.
