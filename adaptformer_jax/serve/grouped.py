@@ -50,8 +50,8 @@ def layouts(batch: int, capacity: int) -> tuple[Layout, ...]:
   every slot with its fair share of rows; one slot (a single-adapter batch); every slot
   with twice its fair share (uneven traffic); last, a group per image, which fits every
   batch. Candidates that would compute more than twice the batch's rows are left out,
-  and none after one that fits every batch. Each candidate is compiled into every slot module (~30 MB of code per candidate
-  and batch size on XLA:CPU), hence these few."""
+  and none follows one that fits every batch. Each candidate is compiled into every
+  slot module (~30 MB of code per candidate and batch size on XLA:CPU), hence these few."""
   pow2 = lambda n: 1 << max(n - 1, 0).bit_length()
   fair = pow2(-(-batch // capacity))  # rows per slot when the slots share the batch evenly
   candidates = [Layout(capacity, fair, 'every_slot'), Layout(1, batch, 'present'),
