@@ -81,18 +81,19 @@ def apply_grouped(fn: Callable[[Any, jax.Array], jax.Array], variables: Any, x: 
   (batch) axis `fn` sees per image; `fn(group_variables, rows)` maps (n * e, ...) rows.
   """
   counts = jnp.bincount(slots, length=capacity)
+  onehot = jax.nn.one_hot(slots, capacity, dtype=jnp.int32)
+  # rank[b]: how many images before b share its slot (its row within its slot's group)
+  rank = jnp.take_along_axis(jnp.cumsum(onehot, 0) - onehot, slots[:, None], 1)[:, 0]
   candidates = layouts(x.shape[0], capacity)
-  branches = [lambda v, x, s, layout=layout: _run(layout, fn, v, x, s, counts)
+  branches = [lambda v, x, s, layout=layout: _run(layout, fn, v, x, s, counts, rank)
               for layout in candidates]
   return jax.lax.switch(choose(candidates, counts), branches, variables, x, slots)
 
 
-def _run(layout: Layout, fn, variables, x, slots, counts):
+def _run(layout: Layout, fn, variables, x, slots, counts, rank):
   if layout.kind == 'image':
     return jax.vmap(fn)(jax.tree.map(lambda leaf: leaf[slots], variables), x)
   batch, per_image = x.shape[0], x.shape[1]
-  onehot = jax.nn.one_hot(slots, counts.shape[0], dtype=jnp.int32)
-  rank = jnp.take_along_axis(jnp.cumsum(onehot, 0) - onehot, slots[:, None], 1)[:, 0]
   if layout.kind == 'every_slot':
     group = slots
   else:  # the present slots, in slot order; unused groups read slot 0 and are dropped
