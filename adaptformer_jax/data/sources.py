@@ -67,13 +67,11 @@ def _tfds_source(data_cfg):
                             decoders={key: tfds.decode.SkipDecoding()})
     return ds.map(lambda ex: (ex[key], ex['label']))  # cheap to skip, decoded later
 
+  count = lambda split, field: _count(builder.name, builder.info.splits, split, field)
   return Source(
-      kind=key, class_names=list(builder.info.features['label'].names),
-      count=lambda split, field: _count(builder.name, builder.info.splits, split, field),
-      process_counts=lambda split, field: [
-          _count(builder.name, builder.info.splits, s, field)
-          for s in tfds.even_splits(split, n=jax.process_count())],
-      records=records, decode=builder.info.features[key].decode_example)
+      kind=key, class_names=list(builder.info.features['label'].names), count=count,
+      process_counts=_process_counts(count), records=records,
+      decode=builder.info.features[key].decode_example)
 
 def _list_source(data_cfg):
   """Official `<path> <label>` lists: data.train_split/eval_split are list files."""
@@ -135,9 +133,7 @@ def _folder_source(data_cfg):
 
   return Source(
       kind='image', class_names=list(images.class_names), count=count,
-      process_counts=lambda split, field: [
-          count(s, field) for s in tfds.even_splits(split, n=jax.process_count())],
-      records=records, decode=folder.decode)
+      process_counts=_process_counts(count), records=records, decode=folder.decode)
 
 def _vtab_source(data_cfg):
   """'vtab:<task>': the task's tfds builder, its VTAB-1k split strings (data.train_split
@@ -147,8 +143,8 @@ def _vtab_source(data_cfg):
   vtab.check_sizes(task, {s: builder.info.splits[s].num_examples for s in builder.info.splits})
   image = builder.info.features['image']
   label = builder.info.features['label'] if 'label' in builder.info.features else None
-  count = lambda split, field: _count(builder.name, builder.info.splits,
-                                      vtab.tfds_split(task, split, field), field)
+  tfds_count = lambda split, field: _count(builder.name, builder.info.splits, split, field)
+  count = lambda split, field: tfds_count(vtab.tfds_split(task, split, field), field)
 
   def records(split):
     ds = builder.as_dataset(split=_process_split(vtab.tfds_split(task, split, 'data split')),
@@ -157,11 +153,16 @@ def _vtab_source(data_cfg):
 
   return Source(
       kind='image', class_names=vtab.class_names(task, label and label.names), count=count,
-      process_counts=lambda split, field: [
-          _count(builder.name, builder.info.splits, s, field) for s in tfds.even_splits(
-              vtab.tfds_split(task, split, field), n=jax.process_count())],
+      process_counts=lambda split, field: _process_counts(tfds_count)(
+          vtab.tfds_split(task, split, field), field),
       records=records, decode=lambda encoded: vtab.scaled_image(
           image.decode_example(encoded), task))
+
+def _process_counts(count):
+  """Source.process_counts from `count(split, field)` of tfds split strings: the count of
+  each process's part, as _process_split cuts it."""
+  return lambda split, field: [count(s, field)
+                               for s in tfds.even_splits(split, n=jax.process_count())]
 
 def _process_split(split):
   return tfds.even_splits(split, n=jax.process_count())[jax.process_index()]
