@@ -14,6 +14,10 @@ from adaptformer_jax import files
 from adaptformer_jax.data import vtab as tasks
 from adaptformer_jax.vtab import references
 
+# The files of a VTAB root that the runner writes and the report reads.
+RESULT = 'result.json'      # <root>/<task>/<run>/, once the run is evaluated
+PROTOCOL = 'protocol.json'  # <root>/, what every run of the root shares
+
 
 def averages(top1: dict[str, float]) -> dict[str, float | None]:
   """Per-group means, the 19-task mean and the mean of group means of {task: top-1};
@@ -36,18 +40,13 @@ def reference_rows() -> dict[str, dict[str, float]]:
           for m, row in references.V_PETL.items()}
 
 
-def _load(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
 def collect(root: str) -> dict:
   """Every finished run under `root`, per task: seeds, mean, std, the chosen point."""
-  protocol_path = os.path.join(root, 'protocol.json')
-  protocol = _load(protocol_path) if os.path.exists(protocol_path) else {}
+  protocol = files.read_json(os.path.join(root, PROTOCOL)) or {}
   per_task = {}
   for t in tasks.TASKS:
-    runs = [_load(p) for p in sorted(glob.glob(os.path.join(root, t.name, '*', 'result.json')))]
+    runs = [files.read_json(p)
+            for p in sorted(glob.glob(os.path.join(root, t.name, '*', RESULT)))]
     finals = sorted((r for r in runs if r['stage'] == 'final'), key=lambda r: r['seed'])
     if not finals:
       continue

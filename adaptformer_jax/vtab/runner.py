@@ -26,8 +26,6 @@ from adaptformer_jax.vtab import protocol
 from adaptformer_jax.vtab import report
 from adaptformer_jax.weights import formats
 
-RESULT = 'result.json'
-PROTOCOL = 'protocol.json'
 BACKBONE = 'backbone_without_pre_logits.npz'
 TRAIN_SIZES = {'train800': 800, 'train800val200': 1000}
 
@@ -56,13 +54,6 @@ def _steps(cfg: ml_collections.ConfigDict) -> int:
   return train.make_plan(cfg, TRAIN_SIZES[cfg.data.train_split]).total_steps
 
 
-def _read(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def _execute(cfg: ml_collections.ConfigDict, run: protocol.Run, run_dir: str) -> dict:
   """Trains and evaluates one run (resuming its checkpoint), then records its result."""
   start = time.perf_counter()
@@ -73,7 +64,7 @@ def _execute(cfg: ml_collections.ConfigDict, run: protocol.Run, run_dir: str) ->
                 top1=float(metrics['top1']), steps=_steps(cfg),
                 seconds=time.perf_counter() - start, trainable_params=trainable,
                 total_params=total, normalization=cfg.data.normalize)
-  files.write_atomic(os.path.join(run_dir, RESULT), json.dumps(result, indent=1))
+  files.write_atomic(os.path.join(run_dir, report.RESULT), json.dumps(result, indent=1))
   return result
 
 
@@ -105,8 +96,8 @@ def _duration(seconds: float) -> str:
 def _check_protocol(config: ml_collections.ConfigDict, root: str) -> None:
   """Writes the protocol of this root, or refuses another one than a previous run's."""
   mine = json.loads(json.dumps(protocol.summary(config)))
-  path = os.path.join(root, PROTOCOL)
-  previous = _read(path)
+  path = os.path.join(root, report.PROTOCOL)
+  previous = files.read_json(path)
   if previous is not None and previous != mine:
     changed = sorted(k for k in set(mine) | set(previous) if mine.get(k) != previous.get(k))
     raise UserError(f'--workdir {root} holds a VTAB run of another protocol (changed: '
@@ -152,7 +143,7 @@ def run_all(config: ml_collections.ConfigDict, root: str, names: list[str],
 def _run(config, run, root, progress, where):
   run_dir = os.path.join(root, run.task, run.name)
   cfg = protocol.run_config(config, run)
-  done = _read(os.path.join(run_dir, RESULT))
+  done = files.read_json(os.path.join(run_dir, report.RESULT))
   if done is None:
     progress.start(*where[:3], run, *where[3:])
     done = _execute(cfg, run, run_dir)
