@@ -2,8 +2,8 @@
 
 The mixed-batch program (serve/multi.py) vmaps the ViT over images. Gathering each
 image's own copy of its adapter's weights (`stacked[slots]`) writes batch x adapter-size
-floats per layer; on XLA:CPU that copy alone cost ~30% of a ViT-S/16 forward pass at 17
-tokens per image (benchmarks/serve_throughput.py). Instead, every module whose variables
+floats per layer; on XLA:CPU, at small token counts, that copy costs more than the
+adapters' own compute (measured in docs/serving.md). Instead, every module whose variables
 all belong to the slots (AdaptMLP, LoRA, the head) is intercepted and applied to the
 batch laid out as K groups of M rows, one slot per group, vmapped over the groups:
 
@@ -51,7 +51,8 @@ def layouts(batch: int, capacity: int) -> tuple[Layout, ...]:
   with twice its fair share (uneven traffic); last, a group per image, which fits every
   batch. Candidates that would compute more than twice the batch's rows are left out,
   and none follows one that fits every batch. Each candidate is compiled into every
-  slot module (~30 MB of code per candidate and batch size on XLA:CPU), hence these few."""
+  slot module (code and memory per candidate and batch size: docs/serving.md), hence
+  these few."""
   pow2 = lambda n: 1 << max(n - 1, 0).bit_length()
   fair = pow2(-(-batch // capacity))  # rows per slot when the slots share the batch evenly
   candidates = [Layout(capacity, fair, 'every_slot'), Layout(1, batch, 'present'),

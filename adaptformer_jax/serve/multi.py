@@ -15,8 +15,8 @@ the union's shapes (methods, largest bottleneck / rank / prompt count / class co
 the adapters' values are arguments, so another set of exports with the same union
 shapes and slot capacity reuses the compiled programs (no recompile), while a new
 method or a larger size compiles once per batch size. Each slot module is compiled
-once per candidate group layout (grouped.layouts: 6 at batch 64 over 8 slots), so a
-program takes a few times longer to compile than a plain model's.
+once per candidate group layout (grouped.layouts: up to 4), so a program takes a few
+times longer to compile than a plain model's.
 """
 import copy
 import dataclasses
